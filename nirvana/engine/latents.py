@@ -1,0 +1,65 @@
+"""Image ↔ latent mappings: a VAE for Stable Diffusion, pixel-unshuffle for the bundled pixel-space model."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+
+
+class LatentSpace(Protocol):
+    """Maps images in [-1, 1] of shape (B, 3, H, W) to latents (B, C, H/f, W/f) and back.
+
+    Attributes:
+        channels: latent channels C.
+        factor: spatial down-sampling factor f.
+    """
+
+    channels: int
+    factor: int
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor: ...
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor: ...
+
+
+class PixelUnshuffleSpace:
+    """Lossless, parameter-free: a (3, H, W) image becomes (3·f², H/f, W/f) so the UNet runs at lower resolution.
+
+    Invariant: ``decode(encode(x)) == x`` exactly.
+    """
+
+    def __init__(self, factor: int = 2) -> None:
+        if factor < 1:
+            raise ValueError(f"factor must be >= 1, got {factor}")
+        self.factor = factor
+        self.channels = 3 * factor * factor
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        return F.pixel_unshuffle(images, self.factor) if self.factor > 1 else images
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        out = F.pixel_shuffle(latents, self.factor) if self.factor > 1 else latents
+        return out.clamp(-1, 1)
+
+
+class VaeSpace:
+    """An ``AutoencoderKL`` with its ``scaling_factor`` (and SDXL's optional ``shift_factor``)."""
+
+    def __init__(self, vae: Any) -> None:
+        self.vae = vae
+        self.channels = int(vae.config.latent_channels)
+        self.factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.scaling = float(vae.config.scaling_factor)
+        self.shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        dist = self.vae.encode(images.to(self.vae.dtype)).latent_dist
+        return (dist.mean - self.shift) * self.scaling
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        x = latents.to(self.vae.dtype) / self.scaling + self.shift
+        return self.vae.decode(x).sample.float().clamp(-1, 1)

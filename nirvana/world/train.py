@@ -1,0 +1,217 @@
+"""Training of the bundled scene model (``nirvana train-model``).
+
+The model is a diffusers ``UNet2DConditionModel`` on pixel-unshuffled 32×32 images (48×8×8 "latents":
+each latent cell is a 4×4 pixel patch), conditioned on MiniLM token states, trained with ε-prediction, a cosine
+noise schedule and 10% classifier-free-guidance dropout. Attention only at 4×4 and 2×2: on 2 cores the step
+time follows parameter count and attention resolution, and this shape trains at ~0.8 s per batch of 64.
+
+The output directory is a diffusers-style pipeline folder (``model_index.json``, ``unet/``, ``scheduler/``) that
+``nirvana.engine.load_model`` reads exactly like a Stable Diffusion checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from nirvana.engine.latents import PixelUnshuffleSpace
+from nirvana.engine.text import MiniLMTokenEncoder
+from nirvana.world.scene import IMAGE_SIZE, Scene, render, split_scenes, to_array, write_prompt
+
+log = logging.getLogger(__name__)
+
+BUNDLED_CLASS = "NirvanaPixelPipeline"
+MAX_TOKENS = 32
+UNSHUFFLE = 4
+
+
+def unet_config() -> dict[str, Any]:
+    """UNet architecture of the bundled model (≈6M parameters; 0.83 s per batch-64 step on 2 cores)."""
+    return {
+        "sample_size": IMAGE_SIZE // UNSHUFFLE,
+        "in_channels": 3 * UNSHUFFLE * UNSHUFFLE,
+        "out_channels": 3 * UNSHUFFLE * UNSHUFFLE,
+        "layers_per_block": 1,
+        "block_out_channels": (64, 96, 128),
+        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        "mid_block_type": "UNetMidBlock2DCrossAttn",
+        "cross_attention_dim": 384,
+        "attention_head_dim": 32,
+        "norm_num_groups": 32,
+    }
+
+
+def scheduler_config() -> dict[str, Any]:
+    """Noise schedule shared by training (DDPM) and inference (DDIM by default)."""
+    return {
+        "num_train_timesteps": 1000,
+        "beta_schedule": "squaredcos_cap_v2",
+        "prediction_type": "epsilon",
+        "clip_sample": True,
+        "clip_sample_range": 1.0,
+        "set_alpha_to_one": False,
+        "steps_offset": 0,
+        "timestep_spacing": "trailing",
+    }
+
+
+def model_index(name: str) -> dict[str, Any]:
+    return {
+        "_class_name": BUNDLED_CLASS,
+        "_diffusers_version": "0.35.0",
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "nirvana": {
+            "name": name,
+            "text_encoder": "minilm-tokens",
+            "max_length": MAX_TOKENS,
+            "latent_space": "pixel_unshuffle",
+            "factor": UNSHUFFLE,
+            "image_size": IMAGE_SIZE,
+            "default_guidance": 3.0,
+        },
+    }
+
+
+def build_dataset(
+    scenes: list[Scene], renders_per_scene: int, prompts_per_scene: int, seed: int
+) -> tuple[torch.Tensor, list[list[str]]]:
+    """Renders (S, R, 3, 32, 32) uint8-valued float16 in [-1,1] and ``prompts_per_scene`` paraphrases per scene."""
+    rng = random.Random(seed)
+    images = np.stack(
+        [
+            to_array([render(s, seed=rng.randrange(2**31)) for _ in range(renders_per_scene)])
+            for s in tqdm(scenes, desc="render", leave=False)
+        ]
+    )
+    prompts = [[write_prompt(s, rng) for _ in range(prompts_per_scene)] for s in scenes]
+    return torch.from_numpy(images).half(), prompts
+
+
+def encode_prompts(encoder: MiniLMTokenEncoder, prompts: list[str], batch: int = 256) -> torch.Tensor:
+    out = [
+        encoder.encode(prompts[i : i + batch]).hidden_states.half()
+        for i in tqdm(range(0, len(prompts), batch), desc="encode prompts", leave=False)
+    ]
+    return torch.cat(out)
+
+
+def train_model(
+    out_dir: Path,
+    steps: int = 4000,
+    batch_size: int = 64,
+    lr: float = 3e-4,
+    seed: int = 0,
+    renders_per_scene: int = 16,
+    prompts_per_scene: int = 8,
+    cfg_dropout: float = 0.1,
+    ema_decay: float = 0.999,
+    threads: int | None = None,
+    name: str = "nirvana-scenes-32",
+) -> dict[str, Any]:
+    """Train the bundled model from scratch and write it to ``out_dir``. Deterministic for a given seed/threads."""
+    from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    logfile = out_dir / "train.log"
+    fh = logging.FileHandler(logfile, mode="w")
+    fh.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    log.addHandler(fh)
+    log.setLevel(logging.INFO)
+
+    train_scenes, held = split_scenes()
+    log.info("scenes: %d train, %d held out", len(train_scenes), len(held))
+    images, prompts = build_dataset(train_scenes, renders_per_scene, prompts_per_scene, seed)
+    encoder = MiniLMTokenEncoder(max_length=MAX_TOKENS)
+    flat_prompts = [p for ps in prompts for p in ps]
+    states = encode_prompts(encoder, flat_prompts).view(len(train_scenes), prompts_per_scene, MAX_TOKENS, -1)
+    uncond = encoder.encode([""]).hidden_states.half()[0]
+    space = PixelUnshuffleSpace(UNSHUFFLE)
+
+    unet = UNet2DConditionModel(**unet_config())
+    n_params = sum(p.numel() for p in unet.parameters())
+    log.info("unet parameters: %d", n_params)
+    ema = copy.deepcopy(unet).eval().requires_grad_(False)
+    noise_sched = DDPMScheduler(**{k: v for k, v in scheduler_config().items() if k != "set_alpha_to_one"})
+    alphas = noise_sched.alphas_cumprod
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=1e-4)
+    warmup = min(200, steps // 10)
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return lr * (step + 1) / warmup
+        frac = (step - warmup) / max(1, steps - warmup)
+        return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+    gen = torch.Generator().manual_seed(seed)
+    n_scenes = len(train_scenes)
+    t0 = time.perf_counter()
+    losses: list[float] = []
+    bar = tqdm(range(steps), desc="train", unit="step")
+    unet.train()
+    for step in bar:
+        si = torch.randint(0, n_scenes, (batch_size,), generator=gen)
+        ri = torch.randint(0, renders_per_scene, (batch_size,), generator=gen)
+        pi = torch.randint(0, prompts_per_scene, (batch_size,), generator=gen)
+        x0 = space.encode(images[si, ri].float())
+        cond = states[si, pi].float()
+        drop = torch.rand(batch_size, generator=gen) < cfg_dropout
+        cond[drop] = uncond.float()
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (batch_size,), generator=gen)
+        a = alphas[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        pred = unet(xt, t, encoder_hidden_states=cond).sample
+        loss = F.mse_loss(pred, noise)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        decay = min(ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for pe, pm in zip(ema.parameters(), unet.parameters(), strict=True):
+                pe.mul_(decay).add_(pm.detach(), alpha=1 - decay)
+        losses.append(float(loss))
+        if step % 50 == 0 or step == steps - 1:
+            recent = float(np.mean(losses[-50:]))
+            bar.set_postfix(loss=f"{recent:.4f}")
+            log.info("step %d loss %.5f lr %.2e elapsed %.0fs", step, recent, lr_at(step), time.perf_counter() - t0)
+    elapsed = time.perf_counter() - t0
+
+    ema.to(torch.float16).save_pretrained(out_dir / "unet", safe_serialization=True)
+    DDIMScheduler(**scheduler_config()).save_pretrained(out_dir / "scheduler")
+    (out_dir / "model_index.json").write_text(json.dumps(model_index(name), indent=2) + "\n")
+    summary = {
+        "steps": steps,
+        "batch_size": batch_size,
+        "seed": seed,
+        "parameters": n_params,
+        "train_seconds": round(elapsed, 1),
+        "final_loss": float(np.mean(losses[-200:])),
+        "train_scenes": len(train_scenes),
+        "held_out_scenes": len(held),
+    }
+    (out_dir / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
+    log.info("done: %s", summary)
+    log.removeHandler(fh)
+    return summary
