@@ -1,0 +1,646 @@
+"""The approximate-cache facade: exact tier → novelty gate → pgvector nearest → K policy → stored state.
+
+Typical router/worker flow::
+
+    cache = ApproximateCache.from_settings(get_settings())
+    hit = cache.lookup(req)                       # does not count the hit
+    if hit.tier == "exact": png = cache.load_image(hit)
+    elif hit.tier == "approximate": state = cache.load_state(hit)   # None → treat as a miss
+    ... render (from state at hit.k, or from noise) ...
+    cache.record(job_id, req, captured_states, png, hit)            # idempotent per job_id; counts the hit
+    cache.evict_to_budget()                                         # periodically (beat)
+
+Invariants:
+    * Entries are only reused within one ``Namespace`` (model_key × tenant) and embedding space.
+    * ``lookup`` never writes; ``record`` is the only place a hit is counted, exactly once per job id.
+    * Blobs are written before the rows that make them visible and deleted after the rows that referenced
+      them; objects left behind by crashes are removed by ``sweep_orphans`` (after a grace period).
+    * A state or image that vanished, is truncated or corrupt is a miss (``None``), never an exception;
+      corrupt rows are dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from nirvana.cache.embedder import Embedder, MiniLMEmbedder, normalize
+from nirvana.cache.eviction import EvictionPolicy, make_policy
+from nirvana.cache.gate import GateModel, NoveltyGate
+from nirvana.cache.index import CacheIndex, NewImage, NewPrompt, NewState, Space, configure_connection
+from nirvana.cache.policy import KPolicy
+from nirvana.cache.store import BlobCorrupt, BlobMissing, BlobUnavailable, LatentStore
+from nirvana.engine.state import CapturedState
+
+log = logging.getLogger(__name__)
+
+SHARED_TENANT = "__shared__"
+Tier = Literal["exact", "approximate", "miss"]
+
+
+@dataclass(frozen=True)
+class Namespace:
+    """Reuse scope: states are only shared within one model_key (checkpoint × resolution × scheduler) and
+    tenant. The opt-in shared pool is ``tenant=SHARED_TENANT``."""
+
+    model_key: str
+    tenant: str
+
+    def __post_init__(self) -> None:
+        for name in ("model_key", "tenant"):
+            v = getattr(self, name)
+            if not isinstance(v, str) or not v or len(v) > 200:
+                raise ValueError(
+                    f"namespace.{name} must be a non-empty string of at most 200 chars, got {v!r}"
+                )
+
+
+@dataclass
+class CacheRequest:
+    """What a generation asks for (everything the exact tier keys on, plus the namespace)."""
+
+    prompt: str
+    negative_prompt: str
+    seed: int
+    steps: int
+    guidance: float
+    width: int
+    height: int
+    namespace: Namespace
+    embedding: np.ndarray | None = None
+
+    def exact_key(self) -> str:
+        """Digest of (prompt, negative prompt, seed, steps, guidance, size, model_key)."""
+        blob = json.dumps(
+            [
+                self.prompt,
+                self.negative_prompt,
+                int(self.seed),
+                int(self.steps),
+                round(float(self.guidance), 6),
+                int(self.width),
+                int(self.height),
+                self.namespace.model_key,
+            ],
+            ensure_ascii=False,
+        )
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+@dataclass
+class LookupResult:
+    """Outcome of :meth:`ApproximateCache.lookup`.
+
+    ``k`` is the step of the stored state to resume from (0 unless approximate); ``k_policy`` the K the table
+    allowed for ``similarity`` (k ≤ k_policy). ``similarity`` is the best neighbour's, hit or not (None when
+    no vector lookup ran). ``gate_novel``/``gate_score`` are the gate's verdict (None: no gate or no model).
+    """
+
+    tier: Tier
+    k: int
+    similarity: float | None
+    source_prompt_id: int | None
+    state_id: int | None
+    image_uri: str | None
+    gate_novel: bool | None
+    gate_score: float | None
+    lookup_ms: float
+    k_policy: int = 0
+    num_steps: int = 0
+    image_blob_id: int | None = None
+    gate_skipped_lookup: bool = False
+    candidates: int = 0
+    exact_key: str = ""
+    embedding: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def hit(self) -> bool:
+        return self.tier != "miss"
+
+
+def _miss(req: CacheRequest, exact_key: str) -> LookupResult:
+    return LookupResult(
+        "miss", 0, None, None, None, None, None, None, 0.0, num_steps=req.steps, exact_key=exact_key
+    )
+
+
+class ApproximateCache:
+    """Approximate cache of intermediate latents (NIRVANA) with an exact tier, a novelty gate and eviction.
+
+    Args:
+        conninfo_or_pool: a ``postgresql://`` URL (a pool is created and owned) or a psycopg
+            ``ConnectionPool`` (best created with ``configure=nirvana.cache.index.configure_connection``).
+        store: where latents and images live.
+        embedder: prompt embedder (its ``space`` is part of the namespace).
+        policy: similarity → K table.
+        eviction: policy name (``ours``, ``paper``, ``lru``, ``lfu``, ``fifo``) or instance.
+        gate: novelty gate, or None to always look up.
+        budget_bytes: stored bytes (states + images) that ``evict_to_budget`` enforces.
+        min_states_per_prompt: floor per prompt for ``ours`` (ignored by the others, and when ``eviction`` is
+            an instance).
+        codec: codec for new states.
+        ef_search: HNSW candidate list size per query.
+        exact_tier: serve identical requests from the stored final image.
+        gate_enforce: skip the lookup when the gate says novel; False = shadow mode (decision recorded, lookup
+            still runs) so a benchmark can count the hits the gate would lose.
+        candidates: nearest prompts examined per lookup (a neighbour whose states were all evicted is
+        skipped).
+        max_scan_tuples: bound on pgvector's iterative scan under the namespace filter.
+        clock: seconds; eviction scores use it (a trace replay passes the trace's clock).
+        max_prompt_chars: longest accepted prompt.
+    """
+
+    def __init__(
+        self,
+        conninfo_or_pool: Any,
+        store: LatentStore,
+        embedder: Embedder,
+        policy: KPolicy,
+        eviction: str | EvictionPolicy = "ours",
+        gate: NoveltyGate | None = None,
+        budget_bytes: int = 2 * 1024**3,
+        min_states_per_prompt: int = 2,
+        codec: str = "fp16-zstd",
+        ef_search: int = 100,
+        exact_tier: bool = True,
+        *,
+        gate_enforce: bool = True,
+        candidates: int = 4,
+        max_scan_tuples: int = 20000,
+        clock: Callable[[], float] = time.time,
+        max_prompt_chars: int = 1000,
+        half_life_s: float = 6 * 3600.0,
+        pool_size: int = 4,
+    ) -> None:
+        from nirvana.cache.store import CODECS
+
+        if codec not in CODECS:
+            raise ValueError(f"codec must be one of {list(CODECS)}, got {codec!r}")
+        if budget_bytes < 0:
+            raise ValueError(f"budget_bytes must be >= 0, got {budget_bytes}")
+        if not 1 <= ef_search <= 1000:
+            raise ValueError(f"ef_search must be in 1..1000, got {ef_search}")
+        if not 1 <= candidates <= 100:
+            raise ValueError(f"candidates must be in 1..100, got {candidates}")
+        self._owns_pool = isinstance(conninfo_or_pool, str)
+        if isinstance(conninfo_or_pool, str):
+            if not conninfo_or_pool:
+                raise ValueError("database url must be non-empty")
+            from psycopg_pool import ConnectionPool
+
+            self.pool: Any = ConnectionPool(
+                conninfo_or_pool,
+                min_size=1,
+                max_size=pool_size,
+                kwargs={"autocommit": True},
+                configure=configure_connection,
+                open=True,
+                name="nirvana-cache",
+            )
+        else:
+            self.pool = conninfo_or_pool
+        self.index = CacheIndex(self.pool)
+        self.store = store
+        self.embedder = embedder
+        self.policy = policy
+        self.eviction = (
+            eviction
+            if isinstance(eviction, EvictionPolicy)
+            else make_policy(eviction, min_states_per_prompt=min_states_per_prompt, half_life_s=half_life_s)
+        )
+        self.gate = gate
+        self.budget_bytes = budget_bytes
+        self.codec = codec
+        self.ef_search = ef_search
+        self.exact_tier = exact_tier
+        self.gate_enforce = gate_enforce
+        self.candidates = candidates
+        self.max_scan_tuples = max_scan_tuples
+        self.clock = clock
+        self.max_prompt_chars = max_prompt_chars
+        self._gate_cache: dict[Space, tuple[GateModel | None, float]] = {}
+        if embedder.dim != 384:
+            self.index.ensure_vector_index(embedder.dim)
+
+    @classmethod
+    def from_settings(
+        cls, settings: Any, embedder: Embedder | None = None, **kwargs: Any
+    ) -> ApproximateCache:
+        """Build from :class:`nirvana.config.Settings` (``database_url`` must be set; ``nirvana up`` sets
+        it)."""
+        if not settings.database_url:
+            raise ValueError(
+                "database_url must be set (NIRVANA_DATABASE_URL; `nirvana up` starts an embedded one)"
+            )
+        opts: dict[str, Any] = {
+            "eviction": settings.cache_policy,
+            "gate": NoveltyGate() if settings.cache_novelty_gate else None,
+            "budget_bytes": settings.cache_budget_bytes,
+            "min_states_per_prompt": settings.cache_min_states_per_prompt,
+            "codec": settings.cache_codec,
+            "ef_search": settings.cache_ef_search,
+            "exact_tier": settings.cache_exact_tier,
+            "max_prompt_chars": settings.max_prompt_chars,
+        }
+        if getattr(settings, "cache_half_life_s", None):
+            opts["half_life_s"] = settings.cache_half_life_s
+        opts.update(kwargs)
+        return cls(
+            settings.database_url,
+            LatentStore.from_settings(settings),
+            embedder or MiniLMEmbedder(),
+            KPolicy.load(settings.cache_policy_table),
+            **opts,
+        )
+
+    def close(self) -> None:
+        """Close the pool if this cache created it."""
+        if self._owns_pool:
+            self.pool.close()
+
+    def __enter__(self) -> ApproximateCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ helpers
+    def _space(self, ns: Namespace) -> Space:
+        return Space(ns.model_key, ns.tenant, self.embedder.space, self.embedder.dim)
+
+    def _validate(self, req: CacheRequest) -> None:
+        if not isinstance(req.namespace, Namespace):
+            raise ValueError("namespace must be a Namespace")
+        if not isinstance(req.prompt, str) or len(req.prompt) > self.max_prompt_chars:
+            raise ValueError(f"prompt must be a string of at most {self.max_prompt_chars} chars")
+        if not isinstance(req.negative_prompt, str) or len(req.negative_prompt) > self.max_prompt_chars:
+            raise ValueError(f"negative_prompt must be a string of at most {self.max_prompt_chars} chars")
+        if not 1 <= req.steps <= 1000:
+            raise ValueError(f"steps must be in 1..1000, got {req.steps}")
+        if not 0 <= req.seed < 2**63:
+            raise ValueError(f"seed must be in 0..2**63-1, got {req.seed}")
+        if not (math.isfinite(req.guidance) and 0 <= req.guidance <= 100):
+            raise ValueError(f"guidance must be in 0..100, got {req.guidance}")
+        for name in ("width", "height"):
+            v = getattr(req, name)
+            if not 1 <= v <= 16384:
+                raise ValueError(f"{name} must be in 1..16384, got {v}")
+
+    def _embedding_of(self, req: CacheRequest, hit: LookupResult | None = None) -> np.ndarray:
+        if req.embedding is not None:
+            e = np.asarray(req.embedding, dtype=np.float32).ravel()
+        elif hit is not None and hit.embedding is not None:
+            e = np.asarray(hit.embedding, dtype=np.float32).ravel()
+        else:
+            e = self.embed([req.prompt])[0]
+        if e.shape[0] != self.embedder.dim or not np.isfinite(e).all():
+            raise ValueError(f"embedding must be {self.embedder.dim} finite floats, got shape {e.shape}")
+        return normalize(e)[0]
+
+    def embed(self, prompts: list[str]) -> np.ndarray:
+        """(n, dim) unit-norm float32 embeddings of ``prompts``."""
+        return self.embedder.embed(prompts)
+
+    def _gate_model(self, space: Space) -> GateModel | None:
+        assert self.gate is not None
+        cached = self._gate_cache.get(space)
+        now = time.monotonic()
+        if cached is not None and now - cached[1] < self.gate.reload_s:
+            return cached[0]
+        data = self.index.load_gate(space)
+        model = GateModel.from_bytes(data) if data is not None else None
+        self._gate_cache[space] = (model, now)
+        return model
+
+    # ------------------------------------------------------------------ lookup
+    def lookup(self, req: CacheRequest) -> LookupResult:
+        """Exact tier → gate → nearest cached prompts in the namespace → K → largest stored k ≤ K.
+
+        Does not count the hit (``record`` does, once per job). Never raises for cache contents; raises
+        ``ValueError`` for an invalid request.
+        """
+        t0 = time.perf_counter()
+        self._validate(req)
+        space = self._space(req.namespace)
+        ek = req.exact_key()
+        res = _miss(req, ek)
+        if self.exact_tier:
+            m = self.index.exact_match(space, ek)
+            if m is not None:
+                res.tier, res.source_prompt_id, res.image_uri = "exact", int(m["prompt_id"]), m["uri"]
+                res.image_blob_id, res.similarity = int(m["blob_id"]), 1.0
+                res.lookup_ms = (time.perf_counter() - t0) * 1000
+                return res
+        emb = self._embedding_of(req)
+        res.embedding = emb
+        if self.gate is not None:
+            res.gate_novel, res.gate_score = self.gate.decide(self._gate_model(space), emb)
+            if res.gate_novel and self.gate_enforce:
+                res.gate_skipped_lookup = True
+                res.lookup_ms = (time.perf_counter() - t0) * 1000
+                return res
+        cands = self.index.nearest(
+            space, emb, ef_search=self.ef_search, limit=self.candidates, max_scan_tuples=self.max_scan_tuples
+        )
+        res.candidates = len(cands)
+        if cands:
+            res.similarity = cands[0][1]
+            res.k_policy = self.policy.k_for(cands[0][1], req.steps)
+        allowed = [(pid, sim, self.policy.k_for(sim, req.steps)) for pid, sim in cands]
+        allowed = [a for a in allowed if a[2] > 0]
+        usable = self.index.usable_states([a[0] for a in allowed], req.steps)
+        for pid, sim, k_max in allowed:
+            fits = [(sid, k) for sid, k in usable.get(pid, []) if k <= k_max]
+            if fits:
+                sid, k = fits[-1]
+                res.tier, res.k, res.k_policy, res.similarity = "approximate", k, k_max, sim
+                res.source_prompt_id, res.state_id = pid, sid
+                break
+        res.lookup_ms = (time.perf_counter() - t0) * 1000
+        return res
+
+    # ------------------------------------------------------------------ reads
+    def load_state(self, result: LookupResult) -> CapturedState | None:
+        """The state an approximate hit points at, or None (a miss) if its row or object vanished, or the
+        object is truncated/corrupt (then its rows are dropped) or unreadable right now, or the state is
+        virtual."""
+        if result.tier != "approximate" or result.state_id is None:
+            return None
+        row = self.index.state_row(result.state_id)
+        if row is None:
+            log.info("state %s evicted before it was read: miss", result.state_id)
+            return None
+        if row.uri is None:
+            return None
+        try:
+            x, _ = self.store.get_latent(row.uri, row.checksum)
+            if list(x.shape) != list(row.shape):
+                raise BlobCorrupt(f"{row.uri}: shape {list(x.shape)} != row shape {row.shape}")
+        except (BlobMissing, BlobCorrupt) as e:
+            log.warning("state %s unusable (%s: %s): miss, row dropped", row.state_id, type(e).__name__, e)
+            uri = self.index.drop_blob(row.blob_id)
+            if uri is not None and isinstance(e, BlobCorrupt):
+                self.store.delete([uri])
+            return None
+        except BlobUnavailable as e:
+            log.warning("state %s unreadable now (%s): miss", row.state_id, e)
+            return None
+        import torch
+
+        return CapturedState(
+            latent=torch.from_numpy(x),
+            step=row.k,
+            num_steps=row.num_steps,
+            timestep=row.timestep,
+            scheduler_family=row.scheduler_family,
+            model_key=row.model_key,
+            sigma=row.sigma,
+            meta={"state_id": row.state_id, "prompt_id": row.prompt_id, "codec": row.codec},
+        )
+
+    def load_image(self, result: LookupResult) -> bytes | None:
+        """PNG bytes of an exact hit, or None (a miss) when gone, corrupt (row dropped), unreadable or
+        virtual."""
+        if result.tier != "exact" or result.image_blob_id is None:
+            return None
+        ref = self.index.image_blob(result.image_blob_id)
+        if ref is None or ref[0] is None:
+            return None
+        uri, check = ref[0], ref[1]
+        try:
+            return self.store.get_bytes(uri, check)
+        except (BlobMissing, BlobCorrupt) as e:
+            log.warning("image blob %s unusable (%s): miss, row dropped", result.image_blob_id, e)
+            self.index.drop_blob(result.image_blob_id)
+            if isinstance(e, BlobCorrupt):
+                self.store.delete([uri])
+            return None
+        except BlobUnavailable as e:
+            log.warning("image blob %s unreadable now (%s): miss", result.image_blob_id, e)
+            return None
+
+    # ------------------------------------------------------------------ writes
+    def _hit_fields(self, hit: LookupResult | None) -> tuple[str, float | None, int | None, int | None, int]:
+        tier = hit.tier if hit is not None else "miss"
+        if hit is None or tier == "miss":
+            return "miss", None, None, None, 0
+        return tier, hit.similarity, hit.source_prompt_id, hit.state_id, hit.k if tier == "approximate" else 0
+
+    def record(
+        self,
+        job_id: str,
+        req: CacheRequest,
+        states: list[CapturedState],
+        image_png: bytes | None,
+        hit: LookupResult | None,
+    ) -> dict[str, Any]:
+        """Record a served generation (hits included); idempotent per ``job_id``.
+
+        Counts the hit on the state it used (once per job), then, if the eviction policy admits it, stores the
+        prompt, its image (exact tier) and its states: those at k > hit.k are its own (blobs written first, at
+        keys derived from the job id); those at k ≤ hit.k borrow the source prompt's blobs. States at k ≤
+        hit.k passed in are ignored. Returns what ``CacheIndex.record`` reports.
+        """
+        if not job_id or len(job_id) > 200:
+            raise ValueError("job_id must be a non-empty string of at most 200 chars")
+        self._validate(req)
+        now = self.clock()
+        space = self._space(req.namespace)
+        tier, sim, source, state_id, hit_k = self._hit_fields(hit)
+        admit = self.eviction.admit(sim, tier)
+        prompt: NewPrompt | None = None
+        new_states: list[NewState] = []
+        image: NewImage | None = None
+        if admit and not self._job_seen(job_id):
+            prompt = NewPrompt(
+                req.prompt,
+                req.negative_prompt,
+                self._embedding_of(req, hit),
+                int(req.seed),
+                int(req.steps),
+                float(req.guidance),
+                int(req.width),
+                int(req.height),
+                req.exact_key(),
+            )
+            seen: set[int] = set()
+            for st in sorted(states, key=lambda s: s.step):
+                if st.model_key != req.namespace.model_key:
+                    raise ValueError(
+                        f"states[].model_key must be {req.namespace.model_key!r}, got {st.model_key!r}"
+                    )
+                if st.num_steps != req.steps:
+                    raise ValueError(f"states[].num_steps must equal steps={req.steps}, got {st.num_steps}")
+                if st.step <= hit_k or st.step in seen:
+                    continue
+                seen.add(st.step)
+                latent = st.latent.detach().to("cpu").float().numpy()
+                ref = self.store.put_latent(
+                    LatentStore.state_key(space.model_key, space.tenant, job_id, st.step),
+                    latent,
+                    self.codec,
+                    {"step": st.step, "num_steps": st.num_steps, "timestep": st.timestep},
+                )
+                new_states.append(
+                    NewState(
+                        st.step,
+                        st.num_steps,
+                        float(st.timestep),
+                        st.sigma,
+                        st.scheduler_family,
+                        list(latent.shape),
+                        ref.uri,
+                        ref.codec,
+                        ref.bytes,
+                        ref.checksum,
+                    )
+                )
+            if image_png:
+                ref = self.store.put_bytes(
+                    LatentStore.image_key(space.model_key, space.tenant, job_id), image_png, "png"
+                )
+                image = NewImage(ref.uri, ref.bytes, ref.checksum)
+        return self.index.record(
+            job_id=job_id,
+            tier=tier,
+            space=space,
+            now=now,
+            policy=self.eviction,
+            hit_state_id=state_id,
+            source_prompt_id=source,
+            hit_k=hit_k,
+            admit=admit and prompt is not None,
+            prompt=prompt,
+            states=new_states,
+            image=image,
+        )
+
+    def record_virtual(
+        self,
+        job_id: str,
+        req: CacheRequest,
+        hit: LookupResult | None,
+        bytes_per_state: int,
+        steps_k: list[int] | None = None,
+        image_bytes: int = 0,
+    ) -> dict[str, Any]:
+        """Like :meth:`record` without tensors (trace replays): rows for states at ``steps_k`` (default: the
+        policy table's steps for ``req.steps``) above the hit's k, each accounting ``bytes_per_state`` bytes
+        but with no object; an image of ``image_bytes`` bytes (none if 0). ``load_state`` of such a state is
+        None."""
+        if bytes_per_state < 0 or image_bytes < 0:
+            raise ValueError("bytes_per_state and image_bytes must be >= 0")
+        if not job_id or len(job_id) > 200:
+            raise ValueError("job_id must be a non-empty string of at most 200 chars")
+        self._validate(req)
+        now = self.clock()
+        space = self._space(req.namespace)
+        tier, sim, source, state_id, hit_k = self._hit_fields(hit)
+        admit = self.eviction.admit(sim, tier)
+        ks = sorted(set(steps_k if steps_k is not None else self.policy.cached_steps(req.steps)))
+        for k in ks:
+            if not 1 <= k < req.steps:
+                raise ValueError(f"steps_k must be in 1..{req.steps - 1}, got {k}")
+        prompt = None
+        if admit:
+            prompt = NewPrompt(
+                req.prompt,
+                req.negative_prompt,
+                self._embedding_of(req, hit),
+                int(req.seed),
+                int(req.steps),
+                float(req.guidance),
+                int(req.width),
+                int(req.height),
+                req.exact_key(),
+            )
+        states = [
+            NewState(k, req.steps, 0.0, None, "virtual", [], None, "virtual", bytes_per_state, None)
+            for k in ks
+            if k > hit_k
+        ]
+        image = NewImage(None, image_bytes, None, "virtual") if image_bytes else None
+        return self.index.record(
+            job_id=job_id,
+            tier=tier,
+            space=space,
+            now=now,
+            policy=self.eviction,
+            hit_state_id=state_id,
+            source_prompt_id=source,
+            hit_k=hit_k,
+            admit=admit,
+            prompt=prompt,
+            states=states if admit else [],
+            image=image if admit else None,
+        )
+
+    def _job_seen(self, job_id: str) -> bool:
+        with self.index.connection() as conn:
+            return (
+                conn.execute("SELECT 1 FROM cache_jobs WHERE job_id = %s", (job_id,)).fetchone() is not None
+            )
+
+    # ------------------------------------------------------------------ maintenance
+    def evict_to_budget(self) -> dict[str, Any]:
+        """Evict (policy order) until stored bytes ≤ budget; rows first, then objects. Returns
+        counts/bytes."""
+        res = self.index.evict_to_budget(self.eviction, self.budget_bytes, self.clock())
+        uris = res.pop("uris")
+        res["objects_deleted"] = self.store.delete(uris)
+        res["policy"] = self.eviction.name
+        return res
+
+    def sweep_orphans(self, min_age_s: float = 3600.0) -> int:
+        """Delete stored objects no row references, older than ``min_age_s`` (so in-flight writes, whose rows
+        come after their objects, are spared). Returns how many were deleted."""
+        if min_age_s < 0:
+            raise ValueError(f"min_age_s must be >= 0, got {min_age_s}")
+        candidates = list(self.store.iter_objects(min_age_s))
+        if not candidates:
+            return 0
+        known = self.index.known_uris()
+        return self.store.delete([u for u in candidates if u not in known])
+
+    def prune_ledger(self, older_than_s: float = 7 * 86400.0) -> int:
+        """Forget job ids recorded longer ago than ``older_than_s`` (must exceed any redelivery delay)."""
+        return self.index.prune_ledger(older_than_s)
+
+    def refit_gate(self, force: bool = False) -> dict[str, Any]:
+        """Refit each namespace's gate whose prompt count changed enough (or all with ``force``); persist
+        them."""
+        out: dict[str, Any] = {"fitted": 0, "removed": 0, "unchanged": 0, "namespaces": 0}
+        if self.gate is None:
+            return out
+        for space, n in self.index.namespaces():
+            if space.embed_space != self.embedder.space:
+                continue
+            out["namespaces"] += 1
+            data = self.index.load_gate(space)
+            current = GateModel.from_bytes(data) if data is not None else None
+            if not force and not self.gate.needs_refit(current, n):
+                out["unchanged"] += 1
+                continue
+            model = self.gate.fit(
+                self.index.sample_embeddings(space, self.gate.max_samples), now=self.clock()
+            )
+            if model is not None:
+                model.n_samples = n
+            self.index.save_gate(space, n, self.clock(), model.to_bytes() if model is not None else None)
+            self._gate_cache.pop(space, None)
+            out["fitted" if model is not None else "removed"] += 1
+        return out
+
+    def stats(self, tenant: str | None = None) -> dict[str, Any]:
+        """Counts and bytes (optionally of one tenant), with the budget and policy in force."""
+        s = self.index.stats(tenant)
+        s.update(budget_bytes=self.budget_bytes, policy=self.eviction.name, codec=self.codec)
+        return s

@@ -1,0 +1,299 @@
+"""Eviction policies as pure bookkeeping: what a state's counters become on put and on hit, and the order in
+which states leave when stored bytes exceed the budget.
+
+The same orders are expressed in SQL (``sql_key_terms``) so the database applies them atomically under
+concurrent workers (``nirvana/cache/index.py``); ``evict_candidates`` applies them in memory (trace replays,
+tests). A test checks that both orders agree.
+
+Counters kept for every state whatever the policy (so the policy can be switched without a migration):
+    * ``hits``: raw hit count; ``k × hits`` is the paper's LCBFU score.
+    * ``dhits`` as of ``dhits_ts``: exponentially decayed use count with half-life ``half_life_s``; a put
+      counts as ``insert_credit`` uses. Its value at time t is ``dhits · 2^(-(t - dhits_ts)/half_life_s)``.
+    * ``created_ts``, ``last_used_ts`` (put or hit).
+
+Policies (ascending key = evicted first):
+    * ``paper``: LCBFU, key (k × hits, created_ts): new states enter at 0; ties go oldest first. Never ages.
+    * ``ours``: key (ln k + ln dhits(now), last_used_ts), i.e. k × decayed uses with the put counted as a use
+      (LRFU weighted by k: LRU-like for short half-lives, LFU-like for long ones). It also keeps a floor of
+      ``min_states_per_prompt`` states per prompt — the ones with most decayed uses, ties to the smaller k,
+      usable by more neighbours — while any unprotected state is left; past that whole prompts go, lowest
+      best-state key first. Admission: an approximate hit at similarity ≥ ``dedup_similarity`` adds no new
+      entry (its source already serves that neighbourhood; the hit refreshes it).
+    * ``lru``: (last_used_ts); ``lfu``: (hits, last_used_ts); ``fifo``: (created_ts).
+All keys end with the state id, so orders are total and deterministic.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+LN2 = math.log(2.0)
+_TINY = 1e-300
+
+
+@dataclass
+class StateMeta:
+    """Bookkeeping of one cached state (no tensor). ``bytes`` is what evicting it frees (0 when borrowed)."""
+
+    id: int
+    prompt_id: int
+    k: int
+    bytes: int = 0
+    hits: int = 0
+    dhits: float = 0.0
+    dhits_ts: float = 0.0
+    created_ts: float = 0.0
+    last_used_ts: float = 0.0
+
+
+class EvictionPolicy:
+    """Base: shared counter updates; subclasses define the key (and optionally admission and a floor).
+
+    Args:
+        half_life_s: half-life of the decayed use count (seconds of the cache's clock).
+        insert_credit: uses credited to a new state (``ours`` needs > 0 so new states can outrank stale ones).
+        min_states_per_prompt: per-prompt floor honoured while unprotected states remain (``ours`` only).
+    """
+
+    name: ClassVar[str] = "base"
+    uses_floor: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        half_life_s: float = 6 * 3600.0,
+        insert_credit: float = 1.0,
+        min_states_per_prompt: int = 0,
+    ) -> None:
+        if not half_life_s > 0:
+            raise ValueError(f"half_life_s must be > 0, got {half_life_s}")
+        if insert_credit < 0:
+            raise ValueError(f"insert_credit must be >= 0, got {insert_credit}")
+        if not 0 <= min_states_per_prompt <= 100:
+            raise ValueError(f"min_states_per_prompt must be in 0..100, got {min_states_per_prompt}")
+        self.half_life_s = float(half_life_s)
+        self.insert_credit = float(insert_credit)
+        self.min_states_per_prompt = min_states_per_prompt if self.uses_floor else 0
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(half_life_s={self.half_life_s}, insert_credit={self.insert_credit}, "
+            f"min_states_per_prompt={self.min_states_per_prompt})"
+        )
+
+    # ------------------------------------------------------------------ counters
+    def decayed(self, meta: StateMeta, now: float) -> float:
+        """``dhits`` decayed to ``now`` (never grows for now < dhits_ts)."""
+        dt = max(0.0, now - meta.dhits_ts)
+        return meta.dhits * math.pow(2.0, -dt / self.half_life_s)
+
+    def on_put(self, meta: StateMeta, now: float) -> None:
+        """A new state: counters at zero, the put credited as ``insert_credit`` uses."""
+        meta.hits = 0
+        meta.dhits = self.insert_credit
+        meta.dhits_ts = now
+        meta.created_ts = now
+        meta.last_used_ts = now
+
+    def on_hit(self, meta: StateMeta, now: float) -> None:
+        """One hit served from this state (the SQL twin is ``CacheIndex.count_hit``)."""
+        meta.dhits = self.decayed(meta, now) + 1.0
+        meta.dhits_ts = max(meta.dhits_ts, now)
+        meta.hits += 1
+        meta.last_used_ts = max(meta.last_used_ts, now)
+
+    # ------------------------------------------------------------------ order
+    def key(self, meta: StateMeta, now: float) -> tuple[float, ...]:
+        """Sort key; ascending order is eviction order."""
+        raise NotImplementedError
+
+    def sql_key_terms(self) -> list[str]:
+        """SQL expressions over ``cache_states s`` (ascending) matching :meth:`key` term by term; they may use
+        ``%(now)s`` and ``%(half_life)s``. At least two terms; the last is ``s.id``."""
+        raise NotImplementedError
+
+    def protect_key(self, meta: StateMeta, now: float) -> tuple[float, ...]:
+        """Rank within a prompt for the floor: higher is kept first (most decayed uses, then smaller k)."""
+        return (math.log(max(self.decayed(meta, now), _TINY)), -meta.k, -meta.id)
+
+    @staticmethod
+    def sql_protect_order() -> list[str]:
+        return [
+            "(ln(greatest(s.dhits, 1e-300)) - greatest(0, %(now)s - s.dhits_ts) * 0.6931471805599453 "
+            "/ %(half_life)s) DESC",
+            "s.k ASC",
+            "s.id ASC",
+        ]
+
+    def admit(self, similarity: float | None, hit_tier: str | None) -> bool:
+        """Whether a served generation becomes a new cache entry (exact hits never do)."""
+        return hit_tier != "exact"
+
+    # ------------------------------------------------------------------ in-memory eviction
+    def evict_candidates(self, metas: Iterable[StateMeta], bytes_to_free: int, now: float) -> list[int]:
+        """Ids of the states to evict, in order, until their ``bytes`` sum to ``bytes_to_free``.
+
+        Phase 1 takes states in key order, skipping each prompt's floor; phase 2 (only if still short) takes
+        whole prompts ordered by (max first key term, max second key term, prompt id) — the SQL twin's order.
+        """
+        if bytes_to_free <= 0:
+            return []
+        items = list(metas)
+        protected: set[int] = set()
+        floor = self.min_states_per_prompt
+        if floor > 0:
+            by_prompt: dict[int, list[StateMeta]] = defaultdict(list)
+            for m in items:
+                by_prompt[m.prompt_id].append(m)
+            for group in by_prompt.values():
+                group.sort(key=lambda m: self.protect_key(m, now), reverse=True)
+                protected.update(m.id for m in group[:floor])
+        out: list[int] = []
+        freed = 0
+        for m in sorted((m for m in items if m.id not in protected), key=lambda m: self.key(m, now)):
+            out.append(m.id)
+            freed += m.bytes
+            if freed >= bytes_to_free:
+                return out
+        rest: dict[int, list[StateMeta]] = defaultdict(list)
+        for m in items:
+            if m.id in protected:
+                rest[m.prompt_id].append(m)
+
+        def group_key(g: list[StateMeta]) -> tuple[float, float, int]:
+            keys = [self.key(m, now) for m in g]
+            return (max(k[0] for k in keys), max(k[1] for k in keys), g[0].prompt_id)
+
+        groups = sorted(rest.values(), key=group_key)
+        for g in groups:
+            out.extend(m.id for m in sorted(g, key=lambda m: self.key(m, now)))
+            freed += sum(m.bytes for m in g)
+            if freed >= bytes_to_free:
+                break
+        return out
+
+
+class PaperLCBFU(EvictionPolicy):
+    """The paper's LCBFU: score = k × hits, new states at 0, ties oldest first, no ageing, no floor.
+
+    Args:
+        admit_hits: record generations served from a hit as new entries too (True: "record everything");
+            False reproduces the public re-implementation, which adds entries only after a miss.
+    """
+
+    name = "paper"
+
+    def __init__(self, admit_hits: bool = True, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.admit_hits = admit_hits
+
+    def key(self, meta: StateMeta, now: float) -> tuple[float, ...]:
+        return (float(meta.k * meta.hits), meta.created_ts, meta.id)
+
+    def sql_key_terms(self) -> list[str]:
+        return ["s.score", "s.created_ts", "s.id"]
+
+    def admit(self, similarity: float | None, hit_tier: str | None) -> bool:
+        if hit_tier == "exact":
+            return False
+        return self.admit_hits or hit_tier in (None, "miss")
+
+
+class OursPolicy(EvictionPolicy):
+    """k × exponentially decayed uses (put counts as a use), per-prompt floor, near-duplicate admission rule.
+
+    Args:
+        dedup_similarity: an approximate hit at or above this similarity is not admitted as a new entry.
+    """
+
+    name = "ours"
+    uses_floor = True
+
+    def __init__(
+        self,
+        half_life_s: float = 6 * 3600.0,
+        insert_credit: float = 1.0,
+        min_states_per_prompt: int = 2,
+        dedup_similarity: float = 0.99,
+    ) -> None:
+        super().__init__(half_life_s, insert_credit, min_states_per_prompt)
+        if not 0.0 < dedup_similarity <= 1.0001:
+            raise ValueError(f"dedup_similarity must be in (0, 1], got {dedup_similarity}")
+        self.dedup_similarity = dedup_similarity
+
+    def key(self, meta: StateMeta, now: float) -> tuple[float, ...]:
+        return (
+            math.log(meta.k) + math.log(max(self.decayed(meta, now), _TINY)),
+            meta.last_used_ts,
+            meta.id,
+        )
+
+    def sql_key_terms(self) -> list[str]:
+        return [
+            "(ln(s.k) + ln(greatest(s.dhits, 1e-300)) - greatest(0, %(now)s - s.dhits_ts) * "
+            "0.6931471805599453 "
+            "/ %(half_life)s)",
+            "s.last_used_ts",
+            "s.id",
+        ]
+
+    def admit(self, similarity: float | None, hit_tier: str | None) -> bool:
+        if hit_tier == "exact":
+            return False
+        return not (
+            hit_tier == "approximate" and similarity is not None and similarity >= self.dedup_similarity
+        )
+
+
+class LRUPolicy(EvictionPolicy):
+    name = "lru"
+
+    def key(self, meta: StateMeta, now: float) -> tuple[float, ...]:
+        return (meta.last_used_ts, meta.id)
+
+    def sql_key_terms(self) -> list[str]:
+        return ["s.last_used_ts", "s.id"]
+
+
+class LFUPolicy(EvictionPolicy):
+    name = "lfu"
+
+    def key(self, meta: StateMeta, now: float) -> tuple[float, ...]:
+        return (float(meta.hits), meta.last_used_ts, meta.id)
+
+    def sql_key_terms(self) -> list[str]:
+        return ["s.hits", "s.last_used_ts", "s.id"]
+
+
+class FIFOPolicy(EvictionPolicy):
+    name = "fifo"
+
+    def key(self, meta: StateMeta, now: float) -> tuple[float, ...]:
+        return (meta.created_ts, meta.id)
+
+    def sql_key_terms(self) -> list[str]:
+        return ["s.created_ts", "s.id"]
+
+
+POLICIES: dict[str, type[EvictionPolicy]] = {
+    p.name: p for p in (PaperLCBFU, OursPolicy, LRUPolicy, LFUPolicy, FIFOPolicy)
+}
+
+
+def make_policy(name: str, **kwargs: Any) -> EvictionPolicy:
+    """Policy by name (``ours``, ``paper``, ``lru``, ``lfu``, ``fifo``); ``kwargs`` go to its constructor.
+
+    ``min_states_per_prompt`` is accepted by all and ignored except by ``ours``.
+    """
+    try:
+        cls = POLICIES[name]
+    except KeyError:
+        raise ValueError(f"eviction policy must be one of {sorted(POLICIES)}, got {name!r}") from None
+    if cls is OursPolicy:
+        return cls(**kwargs)
+    kwargs_base = dict(kwargs)
+    kwargs_base.pop("dedup_similarity", None)
+    return cls(**kwargs_base)

@@ -1,0 +1,688 @@
+"""SQL side of the cache: pgvector nearest-neighbour search within a namespace, state/blob rows, atomic hit
+counting, policy-ordered eviction, the job ledger and persisted gate models.
+
+Filtering and HNSW: pgvector applies WHERE clauses *after* the index scan, so a namespace holding 1% of the
+rows would leave an ``ef_search``-sized candidate list almost empty. Every search therefore enables pgvector ≥
+0.8 iterative scans (``hnsw.iterative_scan = relaxed_order``, bounded by ``hnsw.max_scan_tuples``) and
+re-sorts the few candidates it returns. The index is partial per embedding dimension over the expression
+``embedding::vector(D)``; queries repeat both the expression and a literal ``dim = D``.
+
+Concurrency: hit counting is one UPDATE of one row (atomic under any number of workers); recording is one
+transaction that starts by claiming its job id in ``cache_jobs`` (a redelivered job finds it taken and records
+nothing); eviction holds a transaction-level advisory lock, so evictors run one at a time while hits and
+records continue. Transactions that lose a deadlock are retried.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+import psycopg
+from psycopg import errors as pg_errors
+from psycopg.rows import dict_row
+
+from nirvana.cache.eviction import EvictionPolicy
+
+log = logging.getLogger(__name__)
+
+EVICT_LOCK_KEY = 0x6E766576  # "nvev"
+T = TypeVar("T")
+
+
+def configure_connection(conn: psycopg.Connection[Any]) -> None:
+    """Register pgvector types on a connection (use as a pool's ``configure`` callback)."""
+    from pgvector.psycopg import register_vector
+
+    register_vector(conn)
+
+
+def _has_vector_adapter(conn: psycopg.Connection[Any]) -> bool:
+    try:
+        return conn.adapters.types.get("vector") is not None
+    except Exception:  # pragma: no cover - defensive
+        return False
+
+
+@dataclass(frozen=True)
+class Space:
+    """Where vectors are comparable: a (model_key, tenant) namespace in one embedding space."""
+
+    model_key: str
+    tenant: str
+    embed_space: str
+    dim: int
+
+
+@dataclass(frozen=True)
+class StateRow:
+    state_id: int
+    prompt_id: int
+    k: int
+    num_steps: int
+    timestep: float
+    sigma: float | None
+    scheduler_family: str
+    shape: list[int]
+    model_key: str
+    blob_id: int
+    uri: str | None
+    codec: str
+    bytes: int
+    checksum: str | None
+
+
+@dataclass(frozen=True)
+class NewState:
+    """A state row to insert: its own blob (``uri`` None for a virtual blob)."""
+
+    k: int
+    num_steps: int
+    timestep: float
+    sigma: float | None
+    scheduler_family: str
+    shape: list[int]
+    uri: str | None
+    codec: str
+    bytes: int
+    checksum: str | None
+
+
+@dataclass(frozen=True)
+class NewImage:
+    uri: str | None
+    bytes: int
+    checksum: str | None
+    codec: str = "png"
+
+
+@dataclass(frozen=True)
+class NewPrompt:
+    prompt: str
+    negative_prompt: str
+    embedding: np.ndarray
+    seed: int
+    steps: int
+    guidance: float
+    width: int
+    height: int
+    exact_key: str
+
+
+def _retry(fn: Callable[[], T], attempts: int = 8) -> T:
+    for i in range(attempts):
+        try:
+            return fn()
+        except (pg_errors.DeadlockDetected, pg_errors.SerializationFailure) as e:
+            if i == attempts - 1:
+                raise
+            log.info("retrying after %s", type(e).__name__)
+            time.sleep(0.005 * (2**i))
+    raise AssertionError("unreachable")
+
+
+class CacheIndex:
+    """All cache SQL, over a psycopg connection pool (connections are used in autocommit mode with explicit
+    transactions)."""
+
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool
+        self._indexed_dims: set[int] = {384}
+
+    @contextmanager
+    def connection(self) -> Iterator[psycopg.Connection[Any]]:
+        with self.pool.connection() as conn:
+            if not conn.autocommit:
+                conn.commit()
+                conn.autocommit = True
+            if not _has_vector_adapter(conn):
+                configure_connection(conn)
+            yield conn
+
+    # ------------------------------------------------------------------ vector search
+    def ensure_vector_index(self, dim: int) -> None:
+        """Create the partial HNSW index for ``dim`` if missing (384 comes with the migrations)."""
+        if dim in self._indexed_dims:
+            return
+        if not 1 <= dim <= 2000:
+            raise ValueError(f"embedding dim must be in 1..2000 for an HNSW index, got {dim}")
+        with self.connection() as conn:
+            conn.execute(
+                f"CREATE INDEX IF NOT EXISTS cache_prompts_hnsw_{dim} ON cache_prompts "
+                f"USING hnsw ((embedding::vector({dim})) vector_cosine_ops) WHERE dim = {dim}"
+            )
+        self._indexed_dims.add(dim)
+
+    @staticmethod
+    def nearest_on(
+        conn: psycopg.Connection[Any],
+        space: Space | None,
+        dim: int,
+        embedding: np.ndarray,
+        *,
+        ef_search: int = 100,
+        limit: int = 4,
+        max_scan_tuples: int = 20000,
+    ) -> list[tuple[int, float]]:
+        """Up to ``limit`` (prompt_id, cosine similarity) nearest to ``embedding``, best first.
+
+        ``space`` None searches every namespace of that dimension (benchmarks only). Runs in its own
+        transaction on ``conn`` (settings are ``SET LOCAL``).
+        """
+        if not 1 <= ef_search <= 1000:
+            raise ValueError(f"ef_search must be in 1..1000, got {ef_search}")
+        if not 1 <= limit <= 1000:
+            raise ValueError(f"limit must be in 1..1000, got {limit}")
+        q = np.asarray(embedding, dtype=np.float32).ravel()
+        if q.shape[0] != dim:
+            raise ValueError(f"embedding dim must be {dim}, got {q.shape[0]}")
+        d = int(dim)
+        where = f"dim = {d}"
+        params: dict[str, Any] = {"q": q, "lim": limit}
+        if space is not None:
+            where += " AND model_key = %(mk)s AND tenant = %(t)s AND embed_space = %(es)s"
+            params.update(mk=space.model_key, t=space.tenant, es=space.embed_space)
+        sql = (
+            f"WITH c AS MATERIALIZED (SELECT id, embedding::vector({d}) <=> %(q)s::vector({d}) AS dist "
+            f"FROM cache_prompts WHERE {where} ORDER BY embedding::vector({d}) <=> %(q)s::vector({d}) "
+            f"LIMIT %(lim)s) SELECT id, dist FROM c ORDER BY dist, id"
+        )
+        with conn.transaction():
+            conn.execute(
+                "SELECT set_config('hnsw.ef_search', %s, true), set_config('hnsw.iterative_scan', "
+                "'relaxed_order', true), set_config('hnsw.max_scan_tuples', %s, true)",
+                (str(ef_search), str(max_scan_tuples)),
+            )
+            rows = conn.execute(sql, params).fetchall()  # type: ignore[call-overload]
+        return [(int(r[0]), 1.0 - float(r[1])) for r in rows]
+
+    def nearest(self, space: Space, embedding: np.ndarray, **kwargs: Any) -> list[tuple[int, float]]:
+        with self.connection() as conn:
+            return self.nearest_on(conn, space, space.dim, embedding, **kwargs)
+
+    def usable_states(self, prompt_ids: Sequence[int], num_steps: int) -> dict[int, list[tuple[int, int]]]:
+        """prompt_id → [(state_id, k)] of states of a ``num_steps`` schedule, k ascending."""
+        if not prompt_ids:
+            return {}
+        out: dict[int, list[tuple[int, int]]] = {}
+        with self.connection() as conn:
+            for pid, sid, k in conn.execute(
+                "SELECT prompt_id, id, k FROM cache_states WHERE prompt_id = ANY(%s) AND num_steps = %s "
+                "ORDER BY prompt_id, k",
+                (list(prompt_ids), num_steps),
+            ):
+                out.setdefault(int(pid), []).append((int(sid), int(k)))
+        return out
+
+    def exact_match(self, space: Space, exact_key: str) -> dict[str, Any] | None:
+        """Newest prompt of the namespace with this exact key that still has an image blob."""
+        with self.connection() as conn:
+            cur = conn.cursor(row_factory=dict_row)
+            return cur.execute(
+                "SELECT p.id AS prompt_id, b.id AS blob_id, b.uri, b.checksum, b.bytes FROM cache_prompts p "
+                "JOIN cache_blobs b ON b.id = p.image_blob_id WHERE p.model_key = %s AND p.tenant = %s "
+                "AND p.exact_key = %s ORDER BY p.id DESC LIMIT 1",
+                (space.model_key, space.tenant, exact_key),
+            ).fetchone()
+
+    def state_row(self, state_id: int) -> StateRow | None:
+        with self.connection() as conn:
+            r = conn.execute(
+                "SELECT s.id, s.prompt_id, s.k, s.num_steps, s.timestep, s.sigma, s.scheduler_family, "
+                "s.shape, "
+                "p.model_key, b.id, b.uri, b.codec, b.bytes, b.checksum FROM cache_states s "
+                "JOIN cache_blobs b ON b.id = s.blob_id JOIN cache_prompts p ON p.id = s.prompt_id "
+                "WHERE s.id = %s",
+                (state_id,),
+            ).fetchone()
+        if r is None:
+            return None
+        return StateRow(
+            int(r[0]),
+            int(r[1]),
+            int(r[2]),
+            int(r[3]),
+            float(r[4]),
+            None if r[5] is None else float(r[5]),
+            str(r[6]),
+            list(r[7]),
+            str(r[8]),
+            int(r[9]),
+            r[10],
+            str(r[11]),
+            int(r[12]),
+            r[13],
+        )
+
+    def image_blob(self, blob_id: int) -> tuple[str | None, str | None] | None:
+        with self.connection() as conn:
+            r = conn.execute("SELECT uri, checksum FROM cache_blobs WHERE id = %s", (blob_id,)).fetchone()
+        return None if r is None else (r[0], r[1])
+
+    def drop_blob(self, blob_id: int) -> str | None:
+        """Delete a (bad) blob row; its state rows go with it (cascade), as do prompts left without states or
+        image. Returns the blob's URI (for the caller to delete the object)."""
+
+        def run() -> str | None:
+            with self.connection() as conn, conn.transaction():
+                pids = [
+                    int(r[0])
+                    for r in conn.execute(
+                        "SELECT DISTINCT prompt_id FROM cache_states WHERE blob_id = %s", (blob_id,)
+                    )
+                ]
+                pids += [
+                    int(r[0])
+                    for r in conn.execute("SELECT id FROM cache_prompts WHERE image_blob_id = %s", (blob_id,))
+                ]
+                r = conn.execute("DELETE FROM cache_blobs WHERE id = %s RETURNING uri", (blob_id,)).fetchone()
+                conn.execute(
+                    "DELETE FROM cache_prompts p WHERE p.id = ANY(%s) AND p.image_blob_id IS NULL AND NOT "
+                    "EXISTS "
+                    "(SELECT 1 FROM cache_states s WHERE s.prompt_id = p.id)",
+                    (pids,),
+                )
+                return None if r is None else r[0]
+
+        return _retry(run)
+
+    # ------------------------------------------------------------------ recording
+    def record(
+        self,
+        *,
+        job_id: str,
+        tier: str,
+        space: Space,
+        now: float,
+        policy: EvictionPolicy,
+        hit_state_id: int | None,
+        source_prompt_id: int | None,
+        hit_k: int,
+        admit: bool,
+        prompt: NewPrompt | None,
+        states: Sequence[NewState],
+        image: NewImage | None,
+    ) -> dict[str, Any]:
+        """Record one served generation in one transaction; idempotent per ``job_id``.
+
+        Returns ``{"recorded": bool, "prompt_id": int | None, "states": n, "borrowed": n, "hit_counted":
+        bool}``. ``recorded`` is False when the job was recorded before (nothing changes then).
+        """
+
+        def run() -> dict[str, Any]:
+            out: dict[str, Any] = {
+                "recorded": False,
+                "prompt_id": None,
+                "states": 0,
+                "borrowed": 0,
+                "hit_counted": False,
+            }
+            with self.connection() as conn, conn.transaction():
+                claimed = conn.execute(
+                    "INSERT INTO cache_jobs (job_id, tier, hit_state_id) VALUES (%s, %s, %s) "
+                    "ON CONFLICT (job_id) DO NOTHING RETURNING job_id",
+                    (job_id, tier, hit_state_id),
+                ).fetchone()
+                if claimed is None:
+                    return out
+                out["recorded"] = True
+                if admit and prompt is not None:
+                    pid = self._insert_entry(
+                        conn, job_id, space, now, policy, source_prompt_id, hit_k, prompt, states, image, out
+                    )
+                    out["prompt_id"] = pid
+                    conn.execute("UPDATE cache_jobs SET prompt_id = %s WHERE job_id = %s", (pid, job_id))
+                if tier == "approximate" and hit_state_id is not None:
+                    out["hit_counted"] = self.count_hit(conn, hit_state_id, now, policy.half_life_s)
+                if source_prompt_id is not None and tier in ("approximate", "exact"):
+                    conn.execute(
+                        "UPDATE cache_prompts SET last_used_ts = greatest(last_used_ts, %s), "
+                        "exact_hits = exact_hits + %s WHERE id = %s",
+                        (now, 1 if tier == "exact" else 0, source_prompt_id),
+                    )
+            return out
+
+        return _retry(run)
+
+    @staticmethod
+    def _insert_entry(
+        conn: psycopg.Connection[Any],
+        job_id: str,
+        space: Space,
+        now: float,
+        policy: EvictionPolicy,
+        source_prompt_id: int | None,
+        hit_k: int,
+        p: NewPrompt,
+        states: Sequence[NewState],
+        image: NewImage | None,
+        out: dict[str, Any],
+    ) -> int:
+        image_blob_id = None
+        if image is not None:
+            image_blob_id = CacheIndex._insert_blob(
+                conn, "image", image.uri, image.codec, image.bytes, image.checksum, space
+            )
+        row = conn.execute(
+            "INSERT INTO cache_prompts (model_key, tenant, embed_space, dim, embedding, prompt, "
+            "negative_prompt, "
+            "seed, steps, guidance, width, height, exact_key, image_blob_id, job_id, source_prompt_id, "
+            "hit_k, "
+            "created_ts, last_used_ts) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, "
+            "%s, %s, "
+            "%s, %s) RETURNING id",
+            (
+                space.model_key,
+                space.tenant,
+                space.embed_space,
+                space.dim,
+                np.asarray(p.embedding, dtype=np.float32).ravel(),
+                p.prompt,
+                p.negative_prompt,
+                p.seed,
+                p.steps,
+                p.guidance,
+                p.width,
+                p.height,
+                p.exact_key,
+                image_blob_id,
+                job_id,
+                source_prompt_id,
+                hit_k or None,
+                now,
+                now,
+            ),
+        ).fetchone()
+        assert row is not None
+        pid = int(row[0])
+        own_ks = set()
+        for s in states:
+            blob_id = CacheIndex._insert_blob(conn, "state", s.uri, s.codec, s.bytes, s.checksum, space)
+            conn.execute(
+                "INSERT INTO cache_states (prompt_id, blob_id, k, num_steps, timestep, sigma, "
+                "scheduler_family, "
+                "shape, dhits, dhits_ts, created_ts, last_used_ts) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                (
+                    pid,
+                    blob_id,
+                    s.k,
+                    s.num_steps,
+                    s.timestep,
+                    s.sigma,
+                    s.scheduler_family,
+                    s.shape,
+                    policy.insert_credit,
+                    now,
+                    now,
+                    now,
+                ),
+            )
+            own_ks.add(s.k)
+        out["states"] = len(own_ks)
+        if source_prompt_id is not None and hit_k > 0:
+            # The source's states at k <= hit_k: this prompt's trajectory passed through them.
+            try:
+                with conn.transaction():
+                    cur = conn.execute(
+                        "INSERT INTO cache_states (prompt_id, blob_id, k, num_steps, timestep, sigma, "
+                        "scheduler_family, shape, borrowed, dhits, dhits_ts, created_ts, last_used_ts) "
+                        "SELECT %s, s.blob_id, s.k, s.num_steps, s.timestep, s.sigma, s.scheduler_family, "
+                        "s.shape, "
+                        "true, %s, %s, %s, %s FROM cache_states s WHERE s.prompt_id = %s AND s.k <= %s "
+                        "AND s.num_steps = %s AND NOT (s.k = ANY(%s)) ON CONFLICT (prompt_id, k) DO NOTHING",
+                        (
+                            pid,
+                            policy.insert_credit,
+                            now,
+                            now,
+                            now,
+                            source_prompt_id,
+                            hit_k,
+                            p.steps,
+                            sorted(own_ks),
+                        ),
+                    )
+                    out["borrowed"] = cur.rowcount
+            except pg_errors.ForeignKeyViolation:
+                log.info("source blobs of prompt %s evicted while borrowing; borrowed none", source_prompt_id)
+        return pid
+
+    @staticmethod
+    def _insert_blob(
+        conn: psycopg.Connection[Any],
+        kind: str,
+        uri: str | None,
+        codec: str,
+        nbytes: int,
+        checksum: str | None,
+        space: Space,
+    ) -> int:
+        row = conn.execute(
+            "INSERT INTO cache_blobs (kind, uri, codec, bytes, checksum, model_key, tenant) "
+            "VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (uri) DO UPDATE SET codec = EXCLUDED.codec, "
+            "bytes = EXCLUDED.bytes, checksum = EXCLUDED.checksum RETURNING id",
+            (kind, uri, codec, nbytes, checksum, space.model_key, space.tenant),
+        ).fetchone()
+        assert row is not None
+        return int(row[0])
+
+    @staticmethod
+    def count_hit(conn: psycopg.Connection[Any], state_id: int, now: float, half_life_s: float) -> bool:
+        """One atomic UPDATE: hits + 1, decayed uses decayed to ``now`` + 1, last use. False if the state is
+        gone (evicted meanwhile)."""
+        cur = conn.execute(
+            "UPDATE cache_states SET hits = hits + 1, "
+            "dhits = dhits * power(2.0, -greatest(0, %(now)s - dhits_ts) / %(hl)s) + 1, "
+            "dhits_ts = greatest(dhits_ts, %(now)s), last_used_ts = greatest(last_used_ts, %(now)s), "
+            "last_hit_at = now() WHERE id = %(id)s",
+            {"now": now, "hl": half_life_s, "id": state_id},
+        )
+        return cur.rowcount == 1
+
+    # ------------------------------------------------------------------ eviction
+    def total_bytes(self) -> int:
+        with self.connection() as conn:
+            r = conn.execute("SELECT coalesce(sum(bytes), 0) FROM cache_blobs").fetchone()
+        return int(r[0]) if r else 0
+
+    def evict_to_budget(
+        self, policy: EvictionPolicy, budget_bytes: int, now: float, batch: int = 2000
+    ) -> dict[str, Any]:
+        """Evict in ``policy`` order until stored bytes (states + images) ≤ ``budget_bytes``.
+
+        Each batch is one transaction holding the eviction advisory lock. Returns counts, bytes freed and the
+        URIs whose rows are gone (the caller deletes those objects after this returns).
+        """
+        if budget_bytes < 0:
+            raise ValueError(f"budget_bytes must be >= 0, got {budget_bytes}")
+        res: dict[str, Any] = {"states": 0, "prompts": 0, "blobs": 0, "bytes": 0, "uris": [], "phase2": 0}
+        params = {"now": now, "half_life": policy.half_life_s}
+        order = ", ".join(f"{t} ASC" for t in policy.sql_key_terms())
+        floor = policy.min_states_per_prompt
+        prank = (
+            f"row_number() OVER (PARTITION BY s.prompt_id ORDER BY {', '.join(policy.sql_protect_order())})"
+            if floor > 0
+            else "1"
+        )
+        phase1 = (
+            f"WITH c AS (SELECT s.id, CASE WHEN s.borrowed THEN 0 ELSE b.bytes END AS freed, {prank} AS "
+            f"prank, "
+            f"row_number() OVER (ORDER BY {order}) AS ord FROM cache_states s JOIN cache_blobs b ON b.id = "
+            f"s.blob_id), "
+            "d AS (SELECT id, freed, ord, sum(freed) OVER (ORDER BY ord) AS cum FROM c WHERE prank > "
+            "%(floor)s) "
+            "SELECT id FROM d WHERE cum - freed < %(overflow)s ORDER BY ord LIMIT %(batch)s"
+        )
+        t0, t1 = policy.sql_key_terms()[:2]
+        phase2 = (
+            "WITH g AS (SELECT p.id, coalesce(sum(CASE WHEN s.borrowed THEN 0 ELSE b.bytes END), 0) "
+            "+ coalesce(max(ib.bytes), 0) AS freed, "
+            f"row_number() OVER (ORDER BY max({t0}) ASC NULLS FIRST, max({t1}) ASC NULLS FIRST, p.id) AS ord "
+            "FROM cache_prompts p LEFT JOIN cache_states s ON s.prompt_id = p.id "
+            "LEFT JOIN cache_blobs b ON b.id = s.blob_id LEFT JOIN cache_blobs ib ON ib.id = p.image_blob_id "
+            "GROUP BY p.id), d AS (SELECT id, freed, ord, sum(freed) OVER (ORDER BY ord) AS cum FROM g) "
+            "SELECT id FROM d WHERE cum - freed < %(overflow)s ORDER BY ord LIMIT %(batch)s"
+        )
+
+        def step() -> bool:
+            with self.connection() as conn, conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (EVICT_LOCK_KEY,))
+                r = conn.execute("SELECT coalesce(sum(bytes), 0) FROM cache_blobs").fetchone()
+                overflow = int(r[0]) - budget_bytes if r else 0
+                if overflow <= 0:
+                    return False
+                p = {**params, "overflow": overflow, "batch": batch, "floor": floor}
+                ids = [int(x[0]) for x in conn.execute(phase1, p)]  # type: ignore[call-overload]
+                if ids:
+                    gone = conn.execute(
+                        "DELETE FROM cache_states WHERE id = ANY(%s) RETURNING prompt_id, blob_id", (ids,)
+                    ).fetchall()
+                    pids = sorted({int(g[0]) for g in gone})
+                    blob_ids = {int(g[1]) for g in gone}
+                    dead = conn.execute(
+                        "DELETE FROM cache_prompts p WHERE p.id = ANY(%s) AND NOT EXISTS "
+                        "(SELECT 1 FROM cache_states s WHERE s.prompt_id = p.id) RETURNING image_blob_id",
+                        (pids,),
+                    ).fetchall()
+                    res["states"] += len(gone)
+                else:
+                    pids = [int(x[0]) for x in conn.execute(phase2, p)]  # type: ignore[call-overload]
+                    if not pids:
+                        return False
+                    gone = conn.execute(
+                        "DELETE FROM cache_states WHERE prompt_id = ANY(%s) RETURNING blob_id", (pids,)
+                    ).fetchall()
+                    blob_ids = {int(g[0]) for g in gone}
+                    dead = conn.execute(
+                        "DELETE FROM cache_prompts WHERE id = ANY(%s) RETURNING image_blob_id", (pids,)
+                    ).fetchall()
+                    res["states"] += len(gone)
+                    res["phase2"] += len(dead)
+                res["prompts"] += len(dead)
+                blob_ids |= {int(d[0]) for d in dead if d[0] is not None}
+                freed = conn.execute(
+                    "DELETE FROM cache_blobs b WHERE b.id = ANY(%s) "
+                    "AND NOT EXISTS (SELECT 1 FROM cache_states s WHERE s.blob_id = b.id) "
+                    "AND NOT EXISTS (SELECT 1 FROM cache_prompts p WHERE p.image_blob_id = b.id) "
+                    "RETURNING uri, bytes",
+                    (sorted(blob_ids),),
+                ).fetchall()
+                res["blobs"] += len(freed)
+                res["bytes"] += sum(int(f[1]) for f in freed)
+                res["uris"].extend(f[0] for f in freed if f[0] is not None)
+                return True
+
+        for _ in range(100000):
+            if not _retry(step):
+                break
+        return res
+
+    # ------------------------------------------------------------------ maintenance
+    def known_uris(self) -> set[str]:
+        with self.connection() as conn:
+            return {str(r[0]) for r in conn.execute("SELECT uri FROM cache_blobs WHERE uri IS NOT NULL")}
+
+    def prune_ledger(self, older_than_s: float) -> int:
+        with self.connection() as conn:
+            cur = conn.execute(
+                "DELETE FROM cache_jobs WHERE recorded_at < now() - make_interval(secs => %s)",
+                (older_than_s,),
+            )
+            return cur.rowcount
+
+    def namespaces(self) -> list[tuple[Space, int]]:
+        """Every (namespace, embedding space) with its prompt count."""
+        with self.connection() as conn:
+            rows = conn.execute(
+                "SELECT model_key, tenant, embed_space, dim, count(*) FROM cache_prompts "
+                "GROUP BY model_key, tenant, embed_space, dim ORDER BY 1, 2, 3"
+            ).fetchall()
+        return [(Space(r[0], r[1], r[2], int(r[3])), int(r[4])) for r in rows]
+
+    def sample_embeddings(self, space: Space, n: int) -> np.ndarray:
+        with self.connection() as conn:
+            rows = conn.execute(
+                "SELECT embedding FROM cache_prompts WHERE model_key = %s AND tenant = %s AND embed_space "
+                "= %s "
+                "AND dim = %s ORDER BY random() LIMIT %s",
+                (space.model_key, space.tenant, space.embed_space, space.dim, n),
+            ).fetchall()
+        if not rows:
+            return np.zeros((0, space.dim), dtype=np.float32)
+        return np.stack(
+            [np.asarray(r[0].to_numpy() if hasattr(r[0], "to_numpy") else r[0], np.float32) for r in rows]
+        )
+
+    def save_gate(self, space: Space, n_samples: int, fitted_ts: float, model: bytes | None) -> None:
+        with self.connection() as conn:
+            if model is None:
+                conn.execute(
+                    "DELETE FROM cache_gate_models WHERE model_key = %s AND tenant = %s AND embed_space = %s",
+                    (space.model_key, space.tenant, space.embed_space),
+                )
+                return
+            conn.execute(
+                "INSERT INTO cache_gate_models (model_key, tenant, embed_space, n_samples, fitted_ts, model) "
+                "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (model_key, tenant, embed_space) DO UPDATE SET "
+                "n_samples = EXCLUDED.n_samples, fitted_ts = EXCLUDED.fitted_ts, model = EXCLUDED.model",
+                (space.model_key, space.tenant, space.embed_space, n_samples, fitted_ts, model),
+            )
+
+    def load_gate(self, space: Space) -> bytes | None:
+        with self.connection() as conn:
+            r = conn.execute(
+                "SELECT model FROM cache_gate_models WHERE model_key = %s AND tenant = %s AND embed_space "
+                "= %s",
+                (space.model_key, space.tenant, space.embed_space),
+            ).fetchone()
+        return None if r is None else bytes(r[0])
+
+    def stats(self, tenant: str | None = None) -> dict[str, Any]:
+        cond, args = ("WHERE tenant = %s", [tenant]) if tenant is not None else ("", [])
+        pcond = "WHERE p.tenant = %s" if tenant is not None else ""
+        with self.connection() as conn:
+            b = conn.execute(
+                f"SELECT kind, count(*), coalesce(sum(bytes), 0), count(uri) FROM cache_blobs {cond} GROUP "
+                f"BY kind",
+                args,
+            ).fetchall()
+            p = conn.execute(
+                f"SELECT count(*), coalesce(sum(exact_hits), 0), count(DISTINCT (model_key, tenant)) "
+                f"FROM cache_prompts {cond}",
+                args,
+            ).fetchone()
+            s = conn.execute(
+                "SELECT count(*), count(*) FILTER (WHERE s.borrowed), coalesce(sum(s.hits), 0) "
+                f"FROM cache_states s JOIN cache_prompts p ON p.id = s.prompt_id {pcond}",
+                args,
+            ).fetchone()
+            by_k = conn.execute(
+                f"SELECT s.k, count(*) FROM cache_states s JOIN cache_prompts p ON p.id = s.prompt_id "
+                f"{pcond} "
+                "GROUP BY s.k ORDER BY s.k",
+                args,
+            ).fetchall()
+            jobs = conn.execute("SELECT tier, count(*) FROM cache_jobs GROUP BY tier").fetchall()
+        blobs = {str(r[0]): {"count": int(r[1]), "bytes": int(r[2]), "stored": int(r[3])} for r in b}
+        assert p is not None and s is not None
+        return {
+            "tenant": tenant,
+            "prompts": int(p[0]),
+            "namespaces": int(p[2]),
+            "exact_hits": int(p[1]),
+            "states": int(s[0]),
+            "borrowed_states": int(s[1]),
+            "state_hits": int(s[2]),
+            "states_by_k": {int(k): int(n) for k, n in by_k},
+            "state_bytes": blobs.get("state", {}).get("bytes", 0),
+            "image_bytes": blobs.get("image", {}).get("bytes", 0),
+            "bytes": sum(v["bytes"] for v in blobs.values()),
+            "blobs": blobs,
+            "jobs_by_tier": {str(t): int(n) for t, n in jobs} if tenant is None else None,
+        }

@@ -1,0 +1,1 @@
+"""Embedded infrastructure for development, tests and ``nirvana up`` (no Docker needed)."""
