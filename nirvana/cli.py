@@ -145,6 +145,14 @@ def gallery(
     typer.echo(f"adherence {res['adherence']:.3f} over {n} held-out prompts ({res['seconds']:.1f}s)")
 
 
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="output directory")] = Path("out/demo"),
+) -> None:
+    """The main job on the embedded default. (Until the job service lands: the bundled model's gallery.)"""
+    gallery(out=out, n=32, steps=50)
+
+
 def _mount_optional() -> None:
     """Mount sub-commands of packages that may not be present in every checkout."""
     try:
