@@ -150,9 +150,8 @@ class EmbeddedPostgres:
         import pwd
 
         utils = _import_embedded().utils
-        ensure_folder_permissions, ensure_user_exists = utils.ensure_folder_permissions, utils.ensure_user_exists
-
-        entry = ensure_user_exists(PG_SYSTEM_USER)
+        ensure_folder_permissions = utils.ensure_folder_permissions
+        entry = utils.ensure_user_exists(PG_SYSTEM_USER)
         assert entry is not None
         self._uid, self._gid = entry.pw_uid, entry.pw_gid
         bindir = _bin_dir()
