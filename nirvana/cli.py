@@ -9,8 +9,12 @@ from typing import Annotated
 
 import typer
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="nirvana: diffusion serving with approximate caching")
-bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (each prints ratios measured side by side in one run).")
+app = typer.Typer(
+    no_args_is_help=True, add_completion=False, help="nirvana: diffusion serving with approximate caching"
+)
+bench_app = typer.Typer(
+    no_args_is_help=True, help="Benchmarks (each prints ratios measured side by side in one run)."
+)
 app.add_typer(bench_app, name="bench")
 
 
@@ -34,7 +38,9 @@ def _parse_size(size: str | None) -> tuple[int | None, int | None]:
 def generate(
     prompt: Annotated[str, typer.Argument(help="text prompt")],
     steps: Annotated[int, typer.Option(help="denoising steps N")] = 50,
-    guidance: Annotated[float | None, typer.Option(help="classifier-free guidance scale (model default)")] = None,
+    guidance: Annotated[
+        float | None, typer.Option(help="classifier-free guidance scale (model default)")
+    ] = None,
     seed: Annotated[int, typer.Option(help="seed of the initial noise")] = 0,
     size: Annotated[str | None, typer.Option(help="WIDTHxHEIGHT (model default)")] = None,
     model: Annotated[str, typer.Option(help="'bundled', a local diffusers dir, or a hub id")] = "bundled",
@@ -51,8 +57,14 @@ def generate(
     try:
         engine = DiffusionEngine(load_model(model, device=device, scheduler=scheduler))
         res = engine.generate(
-            [prompt], seeds=[seed], negative_prompts=[negative_prompt], steps=steps, guidance=guidance,
-            height=height, width=width, capture=[],
+            [prompt],
+            seeds=[seed],
+            negative_prompts=[negative_prompt],
+            steps=steps,
+            guidance=guidance,
+            height=height,
+            width=width,
+            capture=[],
         )
     except ValueError as e:
         _fail(str(e))
@@ -113,12 +125,16 @@ def eval_model_cmd(
         return
     res = evaluate_model(engine, metrics, steps=steps, guidance=guidance, pairs=pairs)
     typer.echo(f"model_key            {res['model_key']}")
-    typer.echo(f"adherence            {res['adherence']:.3f}  (held-out combinations: {res['held_out_scenes']})")
+    typer.echo(
+        f"adherence            {res['adherence']:.3f}  (held-out combinations: {res['held_out_scenes']})"
+    )
     for a, v in res["per_attribute"].items():
         typer.echo(f"  {a:<18} {v:.3f}")
     typer.echo(f"probe_accuracy       {res['probe_accuracy']:.3f}  (probe on real renders)")
     typer.echo(f"probe_fid            {res['probe_fid']:.3f}")
-    typer.echo(f"s/image single       {res['seconds_per_image_single']:.2f}  batched {res['seconds_per_image_batched']:.3f}")
+    typer.echo(
+        f"s/image single       {res['seconds_per_image_single']:.2f}  batched {res['seconds_per_image_batched']:.3f}"
+    )
     if res["table"]:
         from nirvana.world.evaluate import format_table
 
@@ -143,6 +159,106 @@ def gallery(
     res = render_gallery(out, n=n, steps=steps)
     typer.echo(f"wrote {res['html']} and {res['grid']}")
     typer.echo(f"adherence {res['adherence']:.3f} over {n} held-out prompts ({res['seconds']:.1f}s)")
+
+
+def _bundled_engine_and_probe(model: str = "bundled"):  # type: ignore[no-untyped-def]
+    from nirvana.config import bundled_probe_dir
+    from nirvana.engine.engine import DiffusionEngine
+    from nirvana.engine.loader import load_model
+    from nirvana.world.metrics import ProbeMetrics
+
+    try:
+        return DiffusionEngine(load_model(model, device="auto")), ProbeMetrics(bundled_probe_dir())
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+        raise
+
+
+@app.command()
+def calibrate(
+    target: Annotated[float, typer.Option(help="hits keep >= target x full-generation adherence")] = 0.97,
+    out: Annotated[
+        Path | None, typer.Option(help="policy file to write (default: the packaged calibrated table)")
+    ] = None,
+    pairs: Annotated[int, typer.Option(help="prompt pairs measured")] = 600,
+    min_count: Annotated[int, typer.Option(help="buckets with fewer pairs get no K")] = 10,
+    report: Annotated[Path, typer.Option(help="report directory")] = Path("out/bench"),
+    as_json: Annotated[bool, typer.Option("--json", help="last line: one JSON object")] = False,
+) -> None:
+    """Fit the similarity → K table of the bundled model to a quality target; write it as a policy file."""
+    from nirvana.bench.calibrate import fit_policy
+    from nirvana.bench.report import md_table, write_report
+    from nirvana.cache.policy import KPolicy, policies_dir
+    from nirvana.world.evaluate import format_table, k_similarity_table, make_pairs
+
+    engine, metrics = _bundled_engine_and_probe()
+    table = k_similarity_table(engine, metrics, make_pairs(pairs, seed=100))
+    try:
+        policy, decisions = fit_policy(table, target, min_count=min_count)
+    except ValueError as e:
+        _fail(str(e))
+        return
+    KPolicy.from_dict(policy)  # validate before writing
+    dest = out or policies_dir() / "calibrated-scenes-32.json"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(json.dumps({**policy, "model_key": engine.model_key()}, indent=2) + "\n")
+    typer.echo(format_table(table))
+    rows = [
+        [f"{d['bucket'][0]:.2f}-{d['bucket'][1]:.2f}", d["count"], d["full"], d["k_raw"], d["k"]]
+        for d in decisions
+    ]
+    md = "\n".join(
+        [
+            f"# calibrate (target {target})",
+            "",
+            "K x similarity table:",
+            "",
+            "```",
+            format_table(table),
+            "```",
+            "",
+            md_table(["bucket", "pairs", "full adherence", "K (bucket)", "K (monotone)"], rows),
+            "",
+            "```json",
+            json.dumps(policy, indent=2),
+            "```",
+        ]
+    )
+    write_report(report, "calibrate", {"table": table, "decisions": decisions, "policy": policy}, md)
+    typer.echo(
+        f"wrote {dest}: " + ", ".join(f"s>{r['min_similarity']:.2f}→{r['k']}" for r in policy["rules"])
+    )
+    if as_json:
+        typer.echo(json.dumps({"policy": policy, "path": str(dest)}))
+
+
+@bench_app.command("quality")
+def bench_quality(
+    as_json: Annotated[bool, typer.Option("--json", help="last line: one JSON object")] = False,
+    pairs: Annotated[int, typer.Option(help="prompt pairs")] = 300,
+    out: Annotated[Path, typer.Option(help="report directory")] = Path("out/bench"),
+    policy: Annotated[Path | None, typer.Option(help="calibrated policy file (default: packaged)")] = None,
+) -> None:
+    """Quality vs compute: full, paper K, calibrated K, fewer steps, retrieval-only, each latent codec."""
+    from nirvana.bench.quality import quality_markdown, quality_plot, run_quality
+    from nirvana.bench.report import plot_path, write_report
+    from nirvana.cache.policy import KPolicy, policies_dir
+
+    engine, metrics = _bundled_engine_and_probe()
+    cal_path = policy or policies_dir() / "calibrated-scenes-32.json"
+    calibrated = KPolicy.from_file(cal_path) if cal_path.exists() else None
+    if calibrated is None:
+        typer.echo(
+            f"note: no calibrated table at {cal_path}; run `nirvana calibrate` (row 'calibrated' skipped)"
+        )
+    res = run_quality(engine, metrics, calibrated, n_pairs=pairs)
+    plot = plot_path(out, "quality")
+    quality_plot(res, plot)
+    md = quality_markdown(res, plot)
+    write_report(out, "quality", res, md)
+    typer.echo(md)
+    if as_json:
+        typer.echo(json.dumps(res))
 
 
 @app.command()

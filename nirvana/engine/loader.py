@@ -33,7 +33,11 @@ def scheduler_classes() -> dict[str, Any]:
     """Scheduler families the engine knows how to resume (see ``docs/ENGINE.md``)."""
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
-    return {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler, "dpmsolver++": DPMSolverMultistepScheduler}
+    return {
+        "ddim": DDIMScheduler,
+        "euler": EulerDiscreteScheduler,
+        "dpmsolver++": DPMSolverMultistepScheduler,
+    }
 
 
 def make_scheduler(base_config: Any, family: str) -> Any:
@@ -155,7 +159,9 @@ def load_model(
     elif ref.count("/") == 1 and not ref.startswith((".", "/")):
         comps = _load_diffusers(ref, ref, dev, dt)  # hub id: needs network
     else:
-        raise ValueError(f"model {ref!r} is neither 'bundled', an existing directory, nor a hub id (org/name)")
+        raise ValueError(
+            f"model {ref!r} is neither 'bundled', an existing directory, nor a hub id (org/name)"
+        )
     if scheduler != "default":
         comps.scheduler = make_scheduler(comps.scheduler.config, scheduler)
     return comps

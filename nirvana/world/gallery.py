@@ -65,4 +65,9 @@ def render_gallery(out: Path, n: int = 24, steps: int = 50, seed: int = 0) -> di
         + "</table>"
     )
     (out / "index.html").write_text(page)
-    return {"html": out / "index.html", "grid": out / "grid.png", "adherence": adh["adherence"], "seconds": secs}
+    return {
+        "html": out / "index.html",
+        "grid": out / "grid.png",
+        "adherence": adh["adherence"],
+        "seconds": secs,
+    }
