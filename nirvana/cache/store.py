@@ -113,6 +113,7 @@ def encode_latent(latent: np.ndarray, codec: str, meta: dict[str, Any] | None = 
         header["lo"] = [float(v) for v in lo]
         header["scale"] = [float(v) for v in scale]
         payload = zstandard.ZstdCompressor(level=_ZSTD_LEVEL).compress(q.tobytes())
+    header["payload_bytes"] = len(payload)
     hb = json.dumps(header, separators=(",", ":")).encode()
     return MAGIC + bytes([FORMAT_VERSION]) + struct.pack("<I", len(hb)) + hb + payload
 
@@ -138,6 +139,7 @@ def decode_latent(data: bytes) -> tuple[np.ndarray, dict[str, Any]]:
         raise BlobCorrupt(f"bad header: codec={codec!r} shape={shape}")
     n = int(np.prod(shape))
     payload = data[9 + hlen :]
+    _expect(len(payload), int(header.get("payload_bytes", -1)))
     try:
         if codec == "fp32":
             _expect(len(payload), 4 * n)
@@ -259,7 +261,8 @@ class LatentStore:
         return data
 
     def delete(self, uris: list[str]) -> int:
-        """Delete objects (missing ones are ignored); returns how many were deleted."""
+        """Delete objects (missing ones are ignored); returns how many delete calls succeeded (S3 does not
+        tell a missing object from a deleted one)."""
         n = 0
         for uri in uris:
             fs, path = self._fs_path(uri)
