@@ -58,9 +58,7 @@ class Namespace:
         for name in ("model_key", "tenant"):
             v = getattr(self, name)
             if not isinstance(v, str) or not v or len(v) > 200:
-                raise ValueError(
-                    f"namespace.{name} must be a non-empty string of at most 200 chars, got {v!r}"
-                )
+                raise ValueError(f"namespace.{name} must be a non-empty string of at most 200 chars, got {v!r}")
 
 
 @dataclass
@@ -127,9 +125,7 @@ class LookupResult:
 
 
 def _miss(req: CacheRequest, exact_key: str) -> LookupResult:
-    return LookupResult(
-        "miss", 0, None, None, None, None, None, None, 0.0, num_steps=req.steps, exact_key=exact_key
-    )
+    return LookupResult("miss", 0, None, None, None, None, None, None, 0.0, num_steps=req.steps, exact_key=exact_key)
 
 
 class ApproximateCache:
@@ -231,15 +227,11 @@ class ApproximateCache:
             self.index.ensure_vector_index(embedder.dim)
 
     @classmethod
-    def from_settings(
-        cls, settings: Any, embedder: Embedder | None = None, **kwargs: Any
-    ) -> ApproximateCache:
+    def from_settings(cls, settings: Any, embedder: Embedder | None = None, **kwargs: Any) -> ApproximateCache:
         """Build from :class:`nirvana.config.Settings` (``database_url`` must be set; ``nirvana up`` sets
         it)."""
         if not settings.database_url:
-            raise ValueError(
-                "database_url must be set (NIRVANA_DATABASE_URL; `nirvana up` starts an embedded one)"
-            )
+            raise ValueError("database_url must be set (NIRVANA_DATABASE_URL; `nirvana up` starts an embedded one)")
         opts: dict[str, Any] = {
             "eviction": settings.cache_policy,
             "gate": NoveltyGate() if settings.cache_novelty_gate else None,
@@ -474,9 +466,7 @@ class ApproximateCache:
             seen: set[int] = set()
             for st in sorted(states, key=lambda s: s.step):
                 if st.model_key != req.namespace.model_key:
-                    raise ValueError(
-                        f"states[].model_key must be {req.namespace.model_key!r}, got {st.model_key!r}"
-                    )
+                    raise ValueError(f"states[].model_key must be {req.namespace.model_key!r}, got {st.model_key!r}")
                 if st.num_steps != req.steps:
                     raise ValueError(f"states[].num_steps must equal steps={req.steps}, got {st.num_steps}")
                 if st.step <= hit_k or st.step in seen:
@@ -585,9 +575,7 @@ class ApproximateCache:
 
     def _job_seen(self, job_id: str) -> bool:
         with self.index.connection() as conn:
-            return (
-                conn.execute("SELECT 1 FROM cache_jobs WHERE job_id = %s", (job_id,)).fetchone() is not None
-            )
+            return conn.execute("SELECT 1 FROM cache_jobs WHERE job_id = %s", (job_id,)).fetchone() is not None
 
     # ------------------------------------------------------------------ maintenance
     def evict_to_budget(self) -> dict[str, Any]:
@@ -629,9 +617,7 @@ class ApproximateCache:
             if not force and not self.gate.needs_refit(current, n):
                 out["unchanged"] += 1
                 continue
-            model = self.gate.fit(
-                self.index.sample_embeddings(space, self.gate.max_samples), now=self.clock()
-            )
+            model = self.gate.fit(self.index.sample_embeddings(space, self.gate.max_samples), now=self.clock())
             if model is not None:
                 model.n_samples = n
             self.index.save_gate(space, n, self.clock(), model.to_bytes() if model is not None else None)

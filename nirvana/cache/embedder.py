@@ -107,9 +107,7 @@ class ClipTextEmbedder:
         chunks = []
         with torch.no_grad():
             for i in range(0, len(texts), self.batch_size):
-                tok = self.tokenizer(
-                    texts[i : i + self.batch_size], padding=True, truncation=True, return_tensors="pt"
-                )
+                tok = self.tokenizer(texts[i : i + self.batch_size], padding=True, truncation=True, return_tensors="pt")
                 chunks.append(self.model(**tok).text_embeds.float().cpu().numpy())
         if not chunks:
             return np.zeros((0, self.dim), dtype=np.float32)

@@ -243,9 +243,7 @@ class OursPolicy(EvictionPolicy):
     def admit(self, similarity: float | None, hit_tier: str | None) -> bool:
         if hit_tier == "exact":
             return False
-        return not (
-            hit_tier == "approximate" and similarity is not None and similarity >= self.dedup_similarity
-        )
+        return not (hit_tier == "approximate" and similarity is not None and similarity >= self.dedup_similarity)
 
 
 class LRUPolicy(EvictionPolicy):

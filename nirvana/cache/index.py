@@ -272,13 +272,10 @@ class CacheIndex:
             with self.connection() as conn, conn.transaction():
                 pids = [
                     int(r[0])
-                    for r in conn.execute(
-                        "SELECT DISTINCT prompt_id FROM cache_states WHERE blob_id = %s", (blob_id,)
-                    )
+                    for r in conn.execute("SELECT DISTINCT prompt_id FROM cache_states WHERE blob_id = %s", (blob_id,))
                 ]
                 pids += [
-                    int(r[0])
-                    for r in conn.execute("SELECT id FROM cache_prompts WHERE image_blob_id = %s", (blob_id,))
+                    int(r[0]) for r in conn.execute("SELECT id FROM cache_prompts WHERE image_blob_id = %s", (blob_id,))
                 ]
                 r = conn.execute("DELETE FROM cache_blobs WHERE id = %s RETURNING uri", (blob_id,)).fetchone()
                 conn.execute(
@@ -615,9 +612,7 @@ class CacheIndex:
             ).fetchall()
         if not rows:
             return np.zeros((0, space.dim), dtype=np.float32)
-        return np.stack(
-            [np.asarray(r[0].to_numpy() if hasattr(r[0], "to_numpy") else r[0], np.float32) for r in rows]
-        )
+        return np.stack([np.asarray(r[0].to_numpy() if hasattr(r[0], "to_numpy") else r[0], np.float32) for r in rows])
 
     def save_gate(self, space: Space, n_samples: int, fitted_ts: float, model: bytes | None) -> None:
         with self.connection() as conn:
@@ -637,8 +632,7 @@ class CacheIndex:
     def load_gate(self, space: Space) -> bytes | None:
         with self.connection() as conn:
             r = conn.execute(
-                "SELECT model FROM cache_gate_models WHERE model_key = %s AND tenant = %s AND embed_space "
-                "= %s",
+                "SELECT model FROM cache_gate_models WHERE model_key = %s AND tenant = %s AND embed_space = %s",
                 (space.model_key, space.tenant, space.embed_space),
             ).fetchone()
         return None if r is None else bytes(r[0])
@@ -648,8 +642,7 @@ class CacheIndex:
         pcond = "WHERE p.tenant = %s" if tenant is not None else ""
         with self.connection() as conn:
             b = conn.execute(
-                f"SELECT kind, count(*), coalesce(sum(bytes), 0), count(uri) FROM cache_blobs {cond} GROUP "
-                f"BY kind",
+                f"SELECT kind, count(*), coalesce(sum(bytes), 0), count(uri) FROM cache_blobs {cond} GROUP BY kind",
                 args,
             ).fetchall()
             p = conn.execute(

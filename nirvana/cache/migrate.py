@@ -79,9 +79,7 @@ def discover(directory: Path | None = None) -> list[Migration]:
             raise ValueError(f"migration file name must be NNNN_name.sql, got {p.name!r}")
         version = int(m.group(1))
         if version in found:
-            raise ValueError(
-                f"two migrations with version {version:04d}: {found[version].path.name}, {p.name}"
-            )
+            raise ValueError(f"two migrations with version {version:04d}: {found[version].path.name}, {p.name}")
         found[version] = Migration(version, m.group(2), p)
     return [found[v] for v in sorted(found)]
 
@@ -106,8 +104,7 @@ def migrate(conninfo: str, directory: Path | None = None) -> list[int]:
                        applied_at timestamptz NOT NULL DEFAULT now())"""
             )
             done = {
-                int(r[0]): str(r[1])
-                for r in conn.execute("SELECT version, checksum FROM schema_migrations").fetchall()
+                int(r[0]): str(r[1]) for r in conn.execute("SELECT version, checksum FROM schema_migrations").fetchall()
             }
             for mig in migrations:
                 if mig.version in done:

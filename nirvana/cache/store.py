@@ -298,9 +298,7 @@ class LatentStore:
                 yield str(self.fs.unstrip_protocol(path))
 
     # ------------------------------------------------------------------ latents and images
-    def put_latent(
-        self, key: str, latent: np.ndarray, codec: str, meta: dict[str, Any] | None = None
-    ) -> BlobRef:
+    def put_latent(self, key: str, latent: np.ndarray, codec: str, meta: dict[str, Any] | None = None) -> BlobRef:
         return self.put_bytes(key, encode_latent(latent, codec, meta), codec)
 
     def get_latent(self, uri: str, expected_checksum: str | None = None) -> tuple[np.ndarray, dict[str, Any]]:

@@ -1,0 +1,64 @@
+"""Smoke tests of ``bench index`` and ``bench codecs`` plumbing at tiny sizes (numbers are not asserted beyond
+sanity)."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+from nirvana.bench.codecs import run_codecs_bench, to_json
+from nirvana.bench.index import load_prompts, main_json, perturb, run_index_bench
+
+
+class CharNgramEmbedder:
+    """A cheap real embedder (hashed character 3-grams) so the smoke test does not spend minutes in MiniLM."""
+
+    space = "char3-hash"
+    dim = 384
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        from sklearn.feature_extraction.text import HashingVectorizer
+
+        x = HashingVectorizer(analyzer="char_wb", ngram_range=(3, 3), n_features=self.dim, alternate_sign=False)
+        m = x.transform(texts).toarray().astype(np.float32)
+        return m / np.maximum(np.linalg.norm(m, axis=1, keepdims=True), 1e-12)
+
+
+def test_prompts_and_perturbations() -> None:
+    prompts = load_prompts(limit=200)
+    assert len(prompts) == 200 and len(set(prompts)) == 200
+    rng = random.Random(0)
+    assert all(perturb(p, rng) != p for p in prompts[:50])
+
+
+def test_index_bench_small(pg_server, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
+    res = run_index_bench(
+        300, ef_values=(10, 40), queries=20, database_url=pg_server.url(), embedder=CharNgramEmbedder()
+    )
+    out = capsys.readouterr().out
+    assert "recall@1" in out and "ef_search" in out
+    assert len(res["results"]) == 4 and {r["filter"] for r in res["results"]} == {False, True}
+    assert all(0 <= r["recall_at_1"] <= 1 and r["p99_ms"] >= r["p50_ms"] > 0 for r in res["results"])
+    assert json.loads(main_json(res))["n"] == 300
+    with pytest.raises(ValueError, match="n must be"):
+        run_index_bench(10)
+
+
+def test_codecs_bench_skips_without_bundled_model_and_runs_on_tiny(capsys: pytest.CaptureFixture[str]) -> None:
+    from nirvana.config import bundled_model_dir
+
+    if not (bundled_model_dir() / "model_index.json").exists():
+        res = run_codecs_bench("bundled")
+        assert res["skipped"] and "model_index.json" in res["reason"]
+        assert "skipped" in capsys.readouterr().out
+    res = run_codecs_bench("tiny", n_prompts=2, steps=8, ks=(4,))
+    rows = {r["codec"]: r for r in res["rows"]}
+    assert set(rows) == {"fp32", "fp16", "fp16-zstd", "int8-zstd"}
+    assert (
+        rows["fp32"]["image_max_abs_diff_px"] == 0.0
+        and rows["fp16"]["bytes_per_state"] < rows["fp32"]["bytes_per_state"]
+    )
+    assert json.loads(to_json(res))["rows"][0]["image_psnr_db"] is None  # inf → null in JSON
