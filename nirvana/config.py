@@ -63,6 +63,23 @@ class Settings(BaseSettings):
     visibility_timeout_s: int = Field(3600, ge=60)
     max_attempts: int = Field(3, ge=1, le=20)
 
+    # Job service (api/, workers/, `nirvana up`; see docs/SERVICE.md)
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(8000, ge=0, le=65535)
+    api_public_url: str = Field("", description="base URL put in image URLs (default: the request's base URL)")
+    served_model_name: str = Field("", description="name clients use in `model` (default: derived from model)")
+    max_image_size: int = Field(1024, ge=8, le=4096)
+    max_guidance: float = Field(50.0, ge=0)
+    openai_wait_s: float = Field(300.0, gt=0, description="longest POST /v1/images/generations waits")
+    render_threads: int = Field(0, ge=0, description="torch threads per render worker (0: torch default)")
+    progress_interval_s: float = Field(0.25, gt=0, le=10, description="render progress/heartbeat/cancel poll")
+    reaper_stale_s: float = Field(60.0, ge=5, description="a rendering job without heartbeat this long is stuck")
+    reaper_requeue_s: float = Field(600.0, ge=10, description="re-send queued/routed jobs idle this long")
+    beat_evict_s: float = Field(60.0, gt=0)
+    beat_gate_s: float = Field(300.0, gt=0)
+    beat_reap_s: float = Field(15.0, gt=0)
+    api_key_cache_s: float = Field(10.0, ge=0, description="seconds a verified API key is cached per process")
+
     @field_validator("model")
     @classmethod
     def _model_nonempty(cls, v: str) -> str:

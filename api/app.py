@@ -1,0 +1,109 @@
+"""The FastAPI application: ``uvicorn api.app:create_app --factory``.
+
+Settings come from ``NIRVANA_*`` (``database_url``, ``broker_url`` must be set; ``nirvana up`` sets them). Error
+bodies are ``{"error": {"type", "message", "field"?}}``; validation errors are 422 and name the field.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from nirvana.config import Settings, get_settings
+from nirvana.service.errors import ServiceError
+
+
+def _field(loc: tuple[Any, ...] | list[Any]) -> str:
+    parts = list(loc)
+    if parts and parts[0] in ("body", "query", "path", "header"):
+        src = parts.pop(0)
+        if src == "header" and parts:
+            return str(parts[0])
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or "body"
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the app; connections open in the lifespan (one pool, one Celery producer per process)."""
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        from prometheus_client import CollectorRegistry
+
+        from nirvana.cache.core import ApproximateCache
+        from nirvana.cache.store import LatentStore
+        from nirvana.service.jobs import JobStore
+        from nirvana.service.metrics import JobsCollector
+        from nirvana.service.service import JobService
+        from workers.celery_app import CelerySender, make_celery
+
+        if not settings.database_url:
+            raise RuntimeError("NIRVANA_DATABASE_URL must be set (or run `nirvana up`)")
+        celery = make_celery(settings)
+        store = JobStore.connect(settings.database_url, max_size=16)
+        storage = LatentStore.from_settings(settings)
+        app.state.service = JobService(settings, store, CelerySender(celery), storage)
+        app.state.cache = ApproximateCache.from_settings(settings)
+        registry = CollectorRegistry()
+        registry.register(JobsCollector(store.pool))
+        app.state.registry = registry
+
+        def check_broker() -> None:
+            with celery.connection_for_write() as conn:
+                conn.ensure_connection(max_retries=1, timeout=2)
+                conn.default_channel.client.ping()
+
+        app.state.check_broker = check_broker
+        try:
+            yield
+        finally:
+            app.state.cache.close()
+            store.close()
+
+    app = FastAPI(
+        title="nirvana",
+        version="0.1.0",
+        description="Text-to-image diffusion with approximate caching (NIRVANA, NSDI'24).",
+        lifespan=lifespan,
+    )
+
+    @app.exception_handler(ServiceError)
+    async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        err: dict[str, Any] = {"type": type(exc).__name__, "message": exc.message}
+        field = getattr(exc, "field", None)
+        if field:
+            err["field"] = field
+        headers = {"Retry-After": "1"} if exc.status in (409, 503) else None
+        if exc.status == 401:
+            headers = {"WWW-Authenticate": "Bearer"}
+        return JSONResponse({"error": err}, status_code=exc.status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request"}
+        field = _field(first["loc"])
+        detail = [{"field": _field(e["loc"]), "message": e["msg"], "type": e.get("type")} for e in errors]
+        return JSONResponse(
+            {
+                "error": {"type": "validation_error", "field": field, "message": f"{field}: {first['msg']}"},
+                "detail": detail,
+            },
+            status_code=422,
+        )
+
+    from api.routes import batches, images, jobs, system
+
+    app.include_router(system.router)
+    app.include_router(jobs.router)
+    app.include_router(batches.router)
+    app.include_router(images.router)
+    return app

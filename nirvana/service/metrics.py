@@ -1,0 +1,113 @@
+"""Prometheus metrics computed from the jobs table at scrape time.
+
+Postgres holds every job's state, cache outcome and timestamps, so one collector in the API sees what every
+router and render process did, with no multi-process metric plumbing. Each scrape runs a few aggregate queries
+over ``jobs`` (fine to millions of rows; a larger deployment would prune finished jobs).
+
+Series: ``nirvana_jobs{state}``, ``nirvana_cache_hits_total{tier}``, ``nirvana_cache_k`` (histogram of K over
+approximate hits), ``nirvana_steps_total`` / ``nirvana_steps_saved_total``, ``nirvana_stage_seconds{stage}``
+(queue, wait_render, render, total, engine) and ``nirvana_service_overhead_seconds`` (total − engine).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+STAGE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+K_BUCKETS = (5, 10, 15, 20, 25, 30, 40)
+STATES = ("queued", "routing", "routed", "rendering", "done", "failed", "cancelled")
+
+_STAGES = {
+    "queue": "extract(epoch FROM routed_at - created_at)",
+    "wait_render": "extract(epoch FROM render_started_at - routed_at)",
+    "render": "extract(epoch FROM finished_at - render_started_at)",
+    "total": "extract(epoch FROM finished_at - created_at)",
+    "engine": "engine_s",
+    "overhead": "extract(epoch FROM finished_at - created_at) - engine_s",
+}
+
+
+def _hist_sql(expr: str, buckets: tuple[float, ...]) -> str:
+    parts = [f"count(*) FILTER (WHERE ({expr}) <= {b})" for b in buckets]
+    return f"SELECT {', '.join(parts)}, count({expr}), coalesce(sum({expr}), 0) FROM jobs WHERE status = 'done'"
+
+
+def _buckets(row: Any, buckets: tuple[float, ...]) -> tuple[list[tuple[str, float]], float]:
+    vals = list(row.values()) if isinstance(row, dict) else list(row)
+    n = len(buckets)
+    out = [(str(b), float(vals[i])) for i, b in enumerate(buckets)]
+    out.append(("+Inf", float(vals[n])))
+    return out, float(vals[n + 1])
+
+
+class JobsCollector(Collector):
+    """Collects from ``pool`` (a psycopg pool) on every scrape."""
+
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool
+
+    def collect(self) -> Iterator[Any]:
+        with self.pool.connection() as c:
+            states = {
+                (r["status"] if isinstance(r, dict) else r[0]): (r["n"] if isinstance(r, dict) else r[1])
+                for r in c.execute("SELECT status, count(*) AS n FROM jobs GROUP BY status").fetchall()
+            }
+            tiers = c.execute(
+                "SELECT tier, count(*) AS n, coalesce(sum(steps), 0) AS steps, "
+                "coalesce(sum(steps - steps_run), 0) AS saved FROM jobs WHERE status = 'done' GROUP BY tier"
+            ).fetchall()
+            k_row = c.execute(
+                _hist_sql("k", tuple(float(b) for b in K_BUCKETS)).replace(
+                    "WHERE status = 'done'", "WHERE status = 'done' AND tier = 'approximate'"
+                )
+            ).fetchone()
+            stage_rows = {name: c.execute(_hist_sql(expr, STAGE_BUCKETS)).fetchone() for name, expr in _STAGES.items()}
+
+        g = GaugeMetricFamily("nirvana_jobs", "Jobs by state", labels=["state"])
+        for s in STATES:
+            g.add_metric([s], float(states.get(s, 0)))
+        yield g
+
+        hits = CounterMetricFamily("nirvana_cache_hits", "Finished jobs by cache tier", labels=["tier"])
+        steps = CounterMetricFamily("nirvana_steps", "Denoising steps requested by finished jobs")
+        saved = CounterMetricFamily("nirvana_steps_saved", "Denoising steps skipped thanks to the cache")
+        total_steps = total_saved = 0.0
+        seen = set()
+        for r in tiers:
+            d = r if isinstance(r, dict) else dict(zip(("tier", "n", "steps", "saved"), r, strict=True))
+            tier = d["tier"] or "miss"
+            seen.add(tier)
+            hits.add_metric([tier], float(d["n"]))
+            total_steps += float(d["steps"])
+            total_saved += float(d["saved"])
+        for tier in ("exact", "approximate", "miss"):
+            if tier not in seen:
+                hits.add_metric([tier], 0.0)
+        steps.add_metric([], total_steps)
+        saved.add_metric([], total_saved)
+        yield hits
+        yield steps
+        yield saved
+
+        kb, ksum = _buckets(k_row, tuple(float(b) for b in K_BUCKETS))
+        kh = HistogramMetricFamily("nirvana_cache_k", "K (steps skipped) of approximate hits")
+        kh.add_metric([], kb, ksum)
+        yield kh
+
+        sh = HistogramMetricFamily("nirvana_stage_seconds", "Per-stage latency of finished jobs", labels=["stage"])
+        for name, row in stage_rows.items():
+            if name == "overhead":
+                continue
+            b, total = _buckets(row, STAGE_BUCKETS)
+            sh.add_metric([name], b, total)
+        yield sh
+        oh = HistogramMetricFamily(
+            "nirvana_service_overhead_seconds", "Job wall time minus engine time (finished jobs)"
+        )
+        b, total = _buckets(stage_rows["overhead"], STAGE_BUCKETS)
+        oh.add_metric([], b, total)
+        yield oh

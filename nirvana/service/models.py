@@ -1,0 +1,149 @@
+"""The registry of served models: each render worker registers the model it loaded (at start, then as a
+heartbeat), and the API and router read it.
+
+A served model's render queue is ``render.<model_key at its native size>``; jobs of other sizes go to the same
+queue (the worker serves every size of its checkpoint), but their cache namespace is their own model_key.
+
+Invariants:
+    * The router publishes only to queues registered here, so a misspelt queue never swallows jobs (Celery's
+      ``task_create_missing_queues`` is off as well).
+    * Registration is an upsert: restarting a worker with retrained weights updates the checkpoint id.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from psycopg.rows import tuple_row
+
+from nirvana.config import BUNDLED_MODEL, Settings
+from nirvana.engine.state import make_model_key
+from nirvana.service.errors import FieldError
+
+QUEUE_PREFIX = "render."
+ROUTE_QUEUE = "route"
+
+
+def served_name(settings: Settings) -> str:
+    """The name clients use for the configured model: ``served_model_name`` or one derived from ``model``."""
+    if settings.served_model_name:
+        return settings.served_model_name
+    ref = settings.model
+    if ref == BUNDLED_MODEL:
+        return BUNDLED_MODEL
+    p = Path(ref)
+    return p.name if p.is_dir() else ref
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    name: str
+    ref: str
+    checkpoint_id: str
+    scheduler_family: str
+    height: int
+    width: int
+    size_multiple: int
+    default_guidance: float
+    queue: str
+
+    def model_key(self, height: int, width: int) -> str:
+        """The cache namespace key of a job of this size (equal to the engine's ``model_key(h, w)``)."""
+        return make_model_key(self.checkpoint_id, height, width, self.scheduler_family)
+
+    @classmethod
+    def from_components(cls, name: str, ref: str, comps: Any) -> ServedModel:
+        """Describe a loaded ``ModelComponents``."""
+        h, w = comps.sample_size
+        key = make_model_key(comps.checkpoint_id, h, w, comps.scheduler_family)
+        return cls(
+            name=name,
+            ref=ref,
+            checkpoint_id=comps.checkpoint_id,
+            scheduler_family=comps.scheduler_family,
+            height=int(h),
+            width=int(w),
+            size_multiple=int(comps.size_multiple),
+            default_guidance=float(comps.default_guidance),
+            queue=QUEUE_PREFIX + key,
+        )
+
+
+_COLS = "name, ref, checkpoint_id, scheduler_family, height, width, size_multiple, default_guidance, queue"
+
+
+def register(pool: Any, model: ServedModel) -> None:
+    """Upsert ``model`` and refresh its heartbeat."""
+    with pool.connection() as conn:
+        conn.execute(
+            f"INSERT INTO served_models ({_COLS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) "
+            "ON CONFLICT (name) DO UPDATE SET ref = EXCLUDED.ref, checkpoint_id = EXCLUDED.checkpoint_id, "
+            "scheduler_family = EXCLUDED.scheduler_family, height = EXCLUDED.height, width = EXCLUDED.width, "
+            "size_multiple = EXCLUDED.size_multiple, default_guidance = EXCLUDED.default_guidance, "
+            "queue = EXCLUDED.queue, heartbeat_at = now()",
+            (
+                model.name,
+                model.ref,
+                model.checkpoint_id,
+                model.scheduler_family,
+                model.height,
+                model.width,
+                model.size_multiple,
+                model.default_guidance,
+                model.queue,
+            ),
+        )
+
+
+def heartbeat(pool: Any, name: str) -> None:
+    with pool.connection() as conn:
+        conn.execute("UPDATE served_models SET heartbeat_at = now() WHERE name = %s", (name,))
+
+
+def list_models(pool: Any) -> list[tuple[ServedModel, float]]:
+    """Every registered model with the age of its heartbeat in seconds."""
+    with pool.connection() as conn, conn.cursor(row_factory=tuple_row) as cur:
+        rows = cur.execute(
+            f"SELECT {_COLS}, extract(epoch FROM now() - heartbeat_at) FROM served_models ORDER BY name"
+        ).fetchall()
+    return [(ServedModel(*r[:9]), float(r[9])) for r in rows]
+
+
+class ModelRegistry:
+    """Cached view of ``served_models`` for request validation (refreshed every ``ttl_s``)."""
+
+    def __init__(self, pool: Any, default_name: str, ttl_s: float = 5.0) -> None:
+        self.pool = pool
+        self.default_name = default_name
+        self.ttl_s = ttl_s
+        self._models: dict[str, ServedModel] = {}
+        self._at = -1e9
+        self._lock = threading.Lock()
+
+    def models(self, refresh: bool = False) -> dict[str, ServedModel]:
+        with self._lock:
+            if refresh or time.monotonic() - self._at > self.ttl_s:
+                self._models = {m.name: m for m, _ in list_models(self.pool)}
+                self._at = time.monotonic()
+            return dict(self._models)
+
+    def resolve(self, name: str | None) -> ServedModel:
+        """The served model called ``name`` (None: the default one).
+
+        Raises:
+            FieldError("model"): no such model is served (yet).
+        """
+        models = self.models()
+        want = name or self.default_name
+        if want not in models:
+            models = self.models(refresh=True)
+        if want in models:
+            return models[want]
+        if name is None and len(models) == 1:
+            return next(iter(models.values()))
+        served = sorted(models) or "none yet: start a render worker"
+        raise FieldError("model", f"{want!r} is not served here; served: {served}")

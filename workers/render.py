@@ -1,0 +1,70 @@
+"""Render worker: ``python -m workers.render [celery worker options...]``.
+
+Loads the configured model once in this process (solo pool: no fork after loading), registers it in
+``served_models`` and consumes its queue ``render.<model_key>`` with prefetch 1 and late acks. One process per
+GPU; scale by starting more (``docker compose up --scale render=N``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+
+from celery.signals import worker_ready
+
+from nirvana.service import models as served
+from workers import runtime
+from workers.celery_app import make_celery
+
+log = logging.getLogger("workers.render")
+
+
+def _keep_registered(pool: object, model: served.ServedModel, every_s: float = 15.0) -> None:
+    stop = threading.Event()
+    while not stop.wait(every_s):
+        try:
+            served.register(pool, model)
+        except Exception as e:  # pragma: no cover - transient DB failure
+            log.warning("served-model heartbeat failed: %s", e)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    s = runtime.settings()
+    # The queue name is the loaded model's key: load first, then build the app that declares the queue.
+    renderer = runtime.load_renderer()
+    model = renderer.model
+    app = make_celery(s, render_queues=[model.queue])
+    runtime.set_app(app)
+    renderer.sender = runtime.sender()
+    store = runtime.store()
+
+    @worker_ready.connect
+    def _register(**_: object) -> None:
+        # Registered once the consumer is up, so "registered" means "jobs sent now are consumed".
+        served.register(store.pool, model)
+        threading.Thread(target=_keep_registered, args=(store.pool, model), daemon=True).start()
+
+    log.info("serving model %s (%s) on queue %s", model.name, model.checkpoint_id, model.queue)
+    name = os.environ.get("NIRVANA_WORKER_NAME", "render")
+    app.worker_main(
+        [
+            "worker",
+            "-Q",
+            model.queue,
+            "--pool=solo",
+            "--prefetch-multiplier=1",
+            "-n",
+            f"{name}@%h",
+            "-l",
+            "INFO",
+            *args,
+        ]
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""Router worker: ``python -m workers.router [--beat] [celery worker options...]``.
+
+Consumes the ``route`` queue (CPU): embeds prompts, runs the cache lookup, serves exact hits and sends the rest
+to their model's render queue. ``--beat`` also runs the beat scheduler in this process (one per deployment).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from nirvana.service.models import ROUTE_QUEUE
+from workers import runtime
+from workers.celery_app import make_celery
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    s = runtime.settings()
+    app = make_celery(s)
+    runtime.set_app(app)
+    beat = "--beat" in args
+    args = [a for a in args if a != "--beat"]
+    runtime.router()  # connect + load the embedder before consuming (first jobs are not slowed)
+    runtime.cache().embed(["warm-up"])
+    argv_w = ["worker", "-Q", ROUTE_QUEUE, "--pool=solo", "--prefetch-multiplier=1", "-n", "router@%h", "-l", "INFO"]
+    if beat:
+        s.data_dir.mkdir(parents=True, exist_ok=True)
+        argv_w += ["--beat", "--schedule", str(s.data_dir / "celerybeat-schedule")]
+    app.worker_main([*argv_w, *args])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""Per-process resources of a worker (settings, job store, cache, the loaded engine), built once.
+
+Entry points (``workers.router``, ``workers.render``) build them eagerly before consuming; a worker started
+with plain ``celery -A workers.app worker`` builds them lazily on its first task. Nothing is built before a
+fork: render workers use the solo pool (one process, the model loaded once in it).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from nirvana.config import Settings, get_settings
+
+_lock = threading.RLock()
+_state: dict[str, Any] = {}
+
+
+def settings() -> Settings:
+    with _lock:
+        if "settings" not in _state:
+            _state["settings"] = get_settings()
+        return _state["settings"]  # type: ignore[no-any-return]
+
+
+def set_app(app: Any) -> None:
+    _state["app"] = app
+
+
+def sender() -> Any:
+    from workers.celery_app import CelerySender
+
+    if "app" not in _state:
+        from workers.app import app
+
+        _state["app"] = app
+    return CelerySender(_state["app"])
+
+
+def store() -> Any:
+    from nirvana.service.jobs import JobStore
+
+    with _lock:
+        if "store" not in _state:
+            s = settings()
+            if not s.database_url:
+                raise ValueError("database_url must be set (NIRVANA_DATABASE_URL)")
+            _state["store"] = JobStore.connect(s.database_url, max_size=4)
+        return _state["store"]
+
+
+def cache(embedder: Any = None) -> Any:
+    from nirvana.cache.core import ApproximateCache
+
+    with _lock:
+        if "cache" not in _state:
+            _state["cache"] = ApproximateCache.from_settings(settings(), embedder=embedder)
+        return _state["cache"]
+
+
+def router() -> Any:
+    from nirvana.service.pipeline import Router
+
+    if "router" not in _state:
+        _state["router"] = Router(settings(), store(), cache(), sender())
+    return _state["router"]
+
+
+def maintenance() -> Any:
+    from nirvana.service.pipeline import Maintenance
+
+    if "maintenance" not in _state:
+        _state["maintenance"] = Maintenance(settings(), store(), cache(), sender())
+    return _state["maintenance"]
+
+
+def load_renderer() -> Any:
+    """Load the configured model once (this process) and build the renderer; returns it."""
+    from nirvana.cache.embedder import MiniLMEmbedder
+    from nirvana.engine.engine import DiffusionEngine
+    from nirvana.engine.loader import load_model
+    from nirvana.service.models import ServedModel, served_name
+    from nirvana.service.pipeline import Renderer
+
+    if "renderer" in _state:
+        return _state["renderer"]
+    s = settings()
+    if s.render_threads:
+        import torch
+
+        torch.set_num_threads(s.render_threads)
+    comps = load_model(s.model, device=s.device, scheduler=s.scheduler)
+    shared = getattr(comps.encoder, "sentence_transformer", None)
+    embedder = MiniLMEmbedder(model=shared) if shared is not None else MiniLMEmbedder()
+    model = ServedModel.from_components(served_name(s), s.model, comps)
+    _state["renderer"] = Renderer(s, store(), cache(embedder), DiffusionEngine(comps), model, sender())
+    return _state["renderer"]
+
+
+def renderer() -> Any:
+    return _state["renderer"] if "renderer" in _state else load_renderer()
