@@ -262,11 +262,21 @@ def run_index_bench(
                     if q_ns[j] == tiny:
                         tiny_n += 1
                         tiny_hits += ok
-                row = {"ef_search": ef, "filter": filt, "p50_ms": round(statistics.median(lat), 3),
+                row: dict[str, Any] = {"ef_search": ef, "filter": filt, "p50_ms": round(statistics.median(lat), 3),
                        "p99_ms": round(_pct(lat, 0.99), 3), "recall_at_1": round(hits / queries, 4),
                        "empty": empty}  # fmt: skip
                 if filt:
                     row["recall_at_1_tiny_ns"] = round(tiny_hits / max(tiny_n, 1), 4)
+                    # Which plan the filtered search got per namespace (small ones may use an exact scan).
+                    row["hnsw_plan"] = {
+                        ns_names[t]: bool(
+                            CacheIndex.nearest_on(
+                                conn, Space("bench", ns_names[t], embedder.space, dim), dim, qx[0],
+                                ef_search=ef, limit=1, explain=True,
+                            )[0][1]
+                        )
+                        for t in range(len(NAMESPACE_SHARES))
+                    }  # fmt: skip
                 res["results"].append(row)
     if print_table:
         print(format_index_table(res))
@@ -279,12 +289,17 @@ def format_index_table(res: dict[str, Any]) -> str:
         f"(embed {res['embed_s']}s, insert {res['insert_s']}s, build {res['build_s']}s)",
         f"{'filter':>8} {'ef_search':>9} {'p50 ms':>8} {'p99 ms':>8} {'recall@1':>9} {'tiny ns':>8} {'empty':>6}",
     ]
+    plans = ""
     for r in res["results"]:
+        if "hnsw_plan" in r:
+            plans = ", ".join(f"{k}={'hnsw' if v else 'exact'}" for k, v in r["hnsw_plan"].items())
         tiny = f"{r['recall_at_1_tiny_ns']:.3f}" if "recall_at_1_tiny_ns" in r else "-"
         lines.append(
             f"{'ns' if r['filter'] else 'none':>8} {r['ef_search']:>9} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} "
             f"{r['recall_at_1']:>9.3f} {tiny:>8} {r['empty']:>6}"
         )
+    if plans:
+        lines.append(f"filtered plans (namespace shares {res['namespace_shares']}): {plans}")
     return "\n".join(lines)
 
 

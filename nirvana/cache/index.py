@@ -168,11 +168,13 @@ class CacheIndex:
         ef_search: int = 100,
         limit: int = 4,
         max_scan_tuples: int = 20000,
+        explain: bool = False,
     ) -> list[tuple[int, float]]:
         """Up to ``limit`` (prompt_id, cosine similarity) nearest to ``embedding``, best first.
 
         ``space`` None searches every namespace of that dimension (benchmarks only). Runs in its own
-        transaction on ``conn`` (settings are ``SET LOCAL``).
+        transaction on ``conn`` (settings are ``SET LOCAL``). With ``explain`` the query is not run: the
+        result is ``[(0, 1.0)]`` if the plan scans the HNSW index, ``[(0, 0.0)]`` otherwise (benchmarks).
         """
         if not 1 <= ef_search <= 1000:
             raise ValueError(f"ef_search must be in 1..1000, got {ef_search}")
@@ -198,6 +200,9 @@ class CacheIndex:
                 "'relaxed_order', true), set_config('hnsw.max_scan_tuples', %s, true)",
                 (str(ef_search), str(max_scan_tuples)),
             )
+            if explain:
+                plan = "\n".join(r[0] for r in conn.execute("EXPLAIN " + sql, params))  # type: ignore[call-overload]
+                return [(0, 1.0 if f"cache_prompts_hnsw_{d}" in plan else 0.0)]
             rows = conn.execute(sql, params).fetchall()  # type: ignore[call-overload]
         return [(int(r[0]), 1.0 - float(r[1])) for r in rows]
 

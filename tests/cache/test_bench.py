@@ -54,7 +54,7 @@ def test_codecs_bench_skips_without_bundled_model_and_runs_on_tiny(capsys: pytes
         res = run_codecs_bench("bundled")
         assert res["skipped"] and "model_index.json" in res["reason"]
         assert "skipped" in capsys.readouterr().out
-    res = run_codecs_bench("tiny", n_prompts=2, steps=8, ks=(4,))
+    res = run_codecs_bench("tiny", n_prompts=1, steps=4, ks=(2,))
     rows = {r["codec"]: r for r in res["rows"]}
     assert set(rows) == {"fp32", "fp16", "fp16-zstd", "int8-zstd"}
     assert (
