@@ -261,14 +261,6 @@ def bench_quality(
         typer.echo(json.dumps(res))
 
 
-@app.command()
-def demo(
-    out: Annotated[Path, typer.Option(help="output directory")] = Path("out/demo"),
-) -> None:
-    """The main job on the embedded default. (Until the job service lands: the bundled model's gallery.)"""
-    gallery(out=out, n=32, steps=50)
-
-
 def _mount_optional() -> None:
     """Mount sub-commands of packages that may not be present in every checkout."""
     try:
@@ -283,6 +275,12 @@ def _mount_optional() -> None:
         pass
     else:
         register_bench(app, bench_app)
+    try:
+        from nirvana.service.commands import register as register_service
+    except ImportError:
+        pass
+    else:
+        register_service(app, bench_app)
 
 
 def main() -> None:

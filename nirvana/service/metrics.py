@@ -32,8 +32,11 @@ _STAGES = {
 
 
 def _hist_sql(expr: str, buckets: tuple[float, ...]) -> str:
-    parts = [f"count(*) FILTER (WHERE ({expr}) <= {b})" for b in buckets]
-    return f"SELECT {', '.join(parts)}, count({expr}), coalesce(sum({expr}), 0) FROM jobs WHERE status = 'done'"
+    parts = [f"count(*) FILTER (WHERE ({expr}) <= {b}) AS b{i}" for i, b in enumerate(buckets)]
+    return (
+        f"SELECT {', '.join(parts)}, count({expr}) AS n, coalesce(sum({expr}), 0) AS total FROM jobs "
+        "WHERE status = 'done'"
+    )
 
 
 def _buckets(row: Any, buckets: tuple[float, ...]) -> tuple[list[tuple[str, float]], float]:

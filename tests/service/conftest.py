@@ -4,6 +4,7 @@ a router (with beat) and a render worker as subprocesses serving the tiny random
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,7 +17,7 @@ TEST_ENV = {
     "OMP_NUM_THREADS": "1",
     "MKL_NUM_THREADS": "1",
     "TOKENIZERS_PARALLELISM": "false",
-    "NIRVANA_MAX_STEPS": "1000",
+    "NIRVANA_MAX_STEPS": "500",
     "NIRVANA_MAX_BATCH_JOBS": "100",
     "NIRVANA_PROGRESS_INTERVAL_S": "0.05",
     "NIRVANA_API_KEY_CACHE_S": "0",
@@ -49,6 +50,7 @@ def stack(new_database: Callable[..., str], tiny_model_dir: Path) -> Iterator[St
     )
     with Stack(cfg) as s:
         yield s
+    shutil.rmtree(data, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

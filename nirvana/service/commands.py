@@ -1,0 +1,365 @@
+"""CLI commands of the job service: ``up``, ``keys``, ``demo``, ``render`` (mounted by ``nirvana.cli``).
+
+None of these import Celery or FastAPI: ``up`` launches uvicorn and the workers as subprocesses, ``demo`` and
+``render`` talk HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+keys_app = typer.Typer(no_args_is_help=True, help="API keys (stored hashed in Postgres, each bound to a tenant).")
+
+
+def _err(msg: str) -> None:
+    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+def _database_url(data_dir: Path) -> tuple[str, Any]:
+    """The configured database, a running ``nirvana up``'s, or the embedded one in ``data_dir`` (started
+    here; the returned handle stops it)."""
+    from nirvana.cache.migrate import migrate
+    from nirvana.config import get_settings
+    from nirvana.service.stack import running_stack
+    from nirvana.services.postgres import EmbeddedPostgres
+
+    s = get_settings()
+    if s.database_url:
+        migrate(s.database_url)
+        return s.database_url, None
+    info = running_stack(data_dir)
+    if info:
+        return str(info["database_url"]), None
+    pg = EmbeddedPostgres(data_dir.expanduser().absolute() / "postgres")
+    pg.start()
+    import psycopg
+
+    with psycopg.connect(pg.url(), autocommit=True) as conn:
+        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = 'nirvana'").fetchone()
+    url = pg.url("nirvana") if exists else pg.create_database("nirvana")
+    migrate(url)
+    return url, pg
+
+
+def _data_dir(data_dir: Path | None) -> Path:
+    from nirvana.config import get_settings
+
+    return data_dir or get_settings().data_dir
+
+
+@keys_app.command("create")
+def keys_create(
+    tenant: Annotated[str, typer.Option(help="tenant the key is bound to")],
+    role: Annotated[str, typer.Option(help="user | admin")] = "user",
+    name: Annotated[str, typer.Option(help="a label")] = "",
+    data_dir: Annotated[Path | None, typer.Option(help="embedded stack directory")] = None,
+) -> None:
+    """Create an API key and print it (shown once; only its hash is stored)."""
+    from nirvana.service.errors import FieldError
+    from nirvana.service.jobs import make_pool
+    from nirvana.service.keys import create_key
+
+    url, pg = _database_url(_data_dir(data_dir))
+    pool = make_pool(url, max_size=1, name="keys")
+    try:
+        typer.echo(create_key(pool, tenant, name=name, role=role))
+    except FieldError as e:
+        _err(str(e))
+    finally:
+        pool.close()
+        if pg is not None:
+            pg.stop()
+
+
+@keys_app.command("list")
+def keys_list(
+    tenant: Annotated[str | None, typer.Option(help="only this tenant")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="embedded stack directory")] = None,
+) -> None:
+    """List keys (prefix, tenant, role, revoked)."""
+    from nirvana.service.jobs import make_pool
+    from nirvana.service.keys import list_keys
+
+    url, pg = _database_url(_data_dir(data_dir))
+    pool = make_pool(url, max_size=1, name="keys")
+    try:
+        for k in list_keys(pool, tenant):
+            typer.echo(json.dumps(k))
+    finally:
+        pool.close()
+        if pg is not None:
+            pg.stop()
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    key: Annotated[str, typer.Argument(help="the key or its 10-character prefix")],
+    data_dir: Annotated[Path | None, typer.Option(help="embedded stack directory")] = None,
+) -> None:
+    """Revoke a key (requests with it get 403)."""
+    from nirvana.service.jobs import make_pool
+    from nirvana.service.keys import revoke_key
+
+    url, pg = _database_url(_data_dir(data_dir))
+    pool = make_pool(url, max_size=1, name="keys")
+    try:
+        typer.echo(f"revoked {revoke_key(pool, key)}")
+    finally:
+        pool.close()
+        if pg is not None:
+            pg.stop()
+
+
+def _stack_config(data_dir: Path, model: str | None, port: int, render_workers: int, beat: bool = True) -> Any:
+    from nirvana.config import get_settings
+    from nirvana.service.stack import StackConfig
+
+    s = get_settings()
+    return StackConfig(
+        data_dir=data_dir,
+        database_url=s.database_url,
+        broker_url=s.broker_url,
+        storage_url=s.storage_url,
+        model=model,
+        api_host=s.api_host,
+        api_port=port,
+        render_workers=render_workers,
+        beat=beat,
+    )
+
+
+def up(
+    data_dir: Annotated[Path | None, typer.Option(help="where data persists (default NIRVANA_DATA_DIR)")] = None,
+    port: Annotated[int | None, typer.Option(help="API port (default NIRVANA_API_PORT)")] = None,
+    model: Annotated[str | None, typer.Option(help="model to serve (default NIRVANA_MODEL)")] = None,
+    render_workers: Annotated[int, typer.Option(help="render worker processes")] = 1,
+) -> None:
+    """Start the whole stack on this machine (no Docker) and keep it running until Ctrl-C.
+
+    Embedded PostgreSQL + pgvector and Redis unless NIRVANA_DATABASE_URL / NIRVANA_BROKER_URL are set; blobs in
+    DATA_DIR/blobs unless NIRVANA_STORAGE_URL is set; migrations; the API (uvicorn); one router (with beat);
+    render workers.
+    """
+    from nirvana.config import get_settings
+    from nirvana.service.stack import Stack
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    s = get_settings()
+    stack = Stack(_stack_config(_data_dir(data_dir), model, s.api_port if port is None else port, render_workers))
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        stack.start()
+        typer.echo(f"nirvana is up: {stack.api_url}  (docs: {stack.api_url}/docs)")
+        typer.echo(f"  database {stack.database_url}\n  broker   {stack.broker_url}\n  storage  {stack.storage_url}")
+        typer.echo(f"  logs     {stack.data_dir / 'logs'}")
+        typer.echo("  create a key:  nirvana keys create --tenant me      Ctrl-C stops everything")
+        stack.supervise()
+    except KeyboardInterrupt:
+        pass
+    except RuntimeError as e:
+        typer.secho(str(e), fg=typer.colors.RED, err=True)
+        stack.stop()
+        raise typer.Exit(1) from e
+    finally:
+        typer.echo("stopping...")
+        stack.stop()
+        typer.echo("stopped")
+
+
+def _stderr_console() -> Any:
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def demo(
+    requests: Annotated[int, typer.Option(help="requests in the workload")] = 200,
+    concurrency: Annotated[int, typer.Option(help="users submitting at once (closed loop)")] = 4,
+    seed: Annotated[int, typer.Option(help="workload seed")] = 0,
+    steps: Annotated[int | None, typer.Option(help="denoising steps (default: the server's)")] = None,
+    model: Annotated[str | None, typer.Option(help="model to serve (default NIRVANA_MODEL: bundled)")] = None,
+    out: Annotated[Path, typer.Option(help="gallery and results directory")] = Path("out/demo"),
+    gallery_items: Annotated[int, typer.Option("--gallery", help="approximate hits in the gallery")] = 12,
+    url: Annotated[str | None, typer.Option(help="use a running service instead of starting one")] = None,
+    api_key: Annotated[str | None, typer.Option(help="key for --url (every tenant then shares it)")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="embedded stack directory")] = None,
+    render_workers: Annotated[int, typer.Option(help="render workers to start")] = 1,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object last")] = False,
+) -> None:
+    """The main job: start the stack, run a realistic workload through the HTTP API, report and write a gallery.
+
+    Prints hit rate, steps saved, latency p50/p95, throughput and service overhead; writes OUT/index.html
+    (approximate hits beside their source and a full generation of the same prompt and seed) and
+    OUT/results.json.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from nirvana.service.client import Client
+    from nirvana.service.demo import demo_requests, run_workload, write_gallery
+    from nirvana.service.stack import Stack
+
+    console = _stderr_console()
+    stack = None
+    clients: dict[str, Client] = {}
+    run_tag = secrets.token_hex(3)
+    reqs = demo_requests(requests, seed, run_tag, steps)
+    tenants = sorted({r.tenant for r in reqs})
+    try:
+        if url:
+            if not api_key:
+                _err("--url needs --api-key")
+            clients = {t: Client(url, api_key) for t in tenants}
+        else:
+            dd = _data_dir(data_dir) / "demo"
+            console.print(f"starting the stack in {dd} (first start: ~30 s) ...")
+            stack = Stack(_stack_config(dd, model, 0, render_workers, beat=True))
+            stack.start()
+            console.print(f"stack up at {stack.api_url}")
+            from nirvana.service.jobs import make_pool
+            from nirvana.service.keys import create_key
+
+            pool = make_pool(stack.database_url, max_size=1, name="demo-keys")
+            try:
+                clients = {t: Client(stack.api_url, create_key(pool, t, name="demo")) for t in tenants}
+            finally:
+                pool.close()
+        with Progress(
+            TextColumn("[bold]requests"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("hits {task.fields[hits]} · failed {task.fields[failed]}"),
+            TimeElapsedColumn(),
+            console=console,
+        ) as bar:
+            task = bar.add_task("run", total=len(reqs), hits=0, failed=0)
+            counts = {"hits": 0, "failed": 0}
+
+            def on_done(o: Any) -> None:
+                if o.job is None or o.job["status"] != "done":
+                    counts["failed"] += 1
+                elif o.job["cache"]["tier"] != "miss":
+                    counts["hits"] += 1
+                bar.update(task, advance=1, hits=counts["hits"], failed=counts["failed"])
+
+            res = run_workload(clients, reqs, concurrency=concurrency, on_done=on_done)
+        s = res.summary
+        out.mkdir(parents=True, exist_ok=True)
+        html_path = None
+        if gallery_items > 0:
+            console.print("writing the gallery (full-generation references run with cache=off) ...")
+            html_path = write_gallery(out, res, clients, gallery_items)
+        s["gallery"] = str(html_path) if html_path else None
+        results = [
+            {"request": o.request.__dict__, "job": o.job, "latency_s": o.latency_s, "error": o.error}
+            for o in res.outcomes
+        ]
+        (out / "results.json").write_text(json.dumps({"summary": s, "results": results}, indent=1))
+        lines = [
+            f"jobs {s['jobs']}  completed {s['completed']}  failed {s['failed']}",
+            f"hit rate {s['hit_rate']:.1%}  (exact {s['exact_rate']:.1%}, approximate {s['approximate_rate']:.1%}, "
+            f"mean K {s['mean_k']})",
+            f"steps saved {s['steps_saved_fraction']:.1%}",
+            f"latency p50 {s['p50_s']}s  p95 {s['p95_s']}s   throughput {s['throughput_jobs_per_s']} jobs/s",
+            f"service overhead (job wall − engine) p50 {s['overhead_p50_s']}s  p99 {s['overhead_p99_s']}s",
+            f"workload: near-duplicates {s['workload_near_duplicate']:.1%}, exact repeats "
+            f"{s['workload_exact_repeat']:.1%}",
+        ]
+        if html_path:
+            lines.append(f"gallery {html_path}")
+        for line in lines:
+            (console.print if as_json else typer.echo)(line)
+        if as_json:
+            typer.echo(json.dumps(s))
+    finally:
+        for c in clients.values():
+            c.close()
+        if stack is not None:
+            stack.stop()
+
+
+def render(
+    file: Annotated[Path, typer.Argument(help="prompts: text lines or JSONL (JobRequest objects)")],
+    out: Annotated[Path, typer.Option(help="output directory (PNGs + manifest.jsonl)")],
+    steps: Annotated[int | None, typer.Option(help="default steps")] = None,
+    model: Annotated[str | None, typer.Option(help="model to serve (embedded stack) / request")] = None,
+    url: Annotated[str | None, typer.Option(help="a running service (default: start one)")] = None,
+    api_key: Annotated[str | None, typer.Option(help="key for --url")] = None,
+    tenant: Annotated[str, typer.Option(help="tenant for the embedded stack's key")] = "offline",
+    data_dir: Annotated[Path | None, typer.Option(help="embedded stack directory")] = None,
+) -> None:
+    """Offline batch rendering through the service, with a progress bar; rerunning skips finished prompts."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from nirvana.service.client import Client
+    from nirvana.service.offline import render_file
+    from nirvana.service.stack import Stack, running_stack
+
+    if not file.is_file():
+        _err(f"{file} does not exist")
+    console = _stderr_console()
+    stack = None
+    try:
+        if url is None:
+            dd = _data_dir(data_dir)
+            info = running_stack(dd)
+            if info is None:
+                console.print(f"starting the stack in {dd} ...")
+                stack = Stack(_stack_config(dd, model, 0, 1))
+                stack.start()
+                url, db = stack.api_url, stack.database_url
+            else:
+                url, db = str(info["api_url"]), str(info["database_url"])
+            if api_key is None:
+                from nirvana.service.jobs import make_pool
+                from nirvana.service.keys import create_key
+
+                pool = make_pool(db, max_size=1, name="render-key")
+                try:
+                    api_key = create_key(pool, tenant, name="nirvana render")
+                finally:
+                    pool.close()
+        defaults: dict[str, Any] = {}
+        if steps is not None:
+            defaults["steps"] = steps
+        if model is not None and stack is None:
+            defaults["model"] = model
+        with (
+            Client(url, api_key) as client,
+            Progress(
+                TextColumn("[bold]render"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+            ) as bar,
+        ):
+            task = bar.add_task("render", total=None)
+            stats = render_file(
+                client, file, out, defaults, progress=lambda d, t: bar.update(task, completed=d, total=t)
+            )
+        typer.echo(json.dumps(stats))
+    except ValueError as e:
+        _err(str(e))
+    finally:
+        if stack is not None:
+            stack.stop()
+
+
+def register(app: typer.Typer, bench_app: typer.Typer) -> None:
+    """Mount ``up``, ``keys``, ``demo`` and ``render`` on the main CLI."""
+    app.command("up")(up)
+    app.command("demo")(demo)
+    app.command("render")(render)
+    app.add_typer(keys_app, name="keys")
+
+
+__all__ = ["register"]
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(os.EX_USAGE)
