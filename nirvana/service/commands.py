@@ -353,12 +353,43 @@ def render(
             stack.stop()
 
 
+def bench_e2e(
+    requests: Annotated[int, typer.Option(help="requests")] = 100,
+    concurrency: Annotated[int, typer.Option(help="closed-loop users at once (1: pure service overhead)")] = 1,
+    seed: Annotated[int, typer.Option(help="workload seed")] = 0,
+    steps: Annotated[int | None, typer.Option(help="denoising steps (default: the server's)")] = None,
+    model: Annotated[str | None, typer.Option(help="model to serve")] = None,
+    url: Annotated[str | None, typer.Option(help="use a running service")] = None,
+    api_key: Annotated[str | None, typer.Option(help="key for --url")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="embedded stack directory")] = None,
+    render_workers: Annotated[int, typer.Option(help="render workers to start")] = 1,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object last")] = False,
+) -> None:
+    """End-to-end service benchmark: the demo workload without the gallery; reports job wall time minus engine
+    time (service overhead) p50/p99, latency and throughput."""
+    demo(
+        requests=requests,
+        concurrency=concurrency,
+        seed=seed,
+        steps=steps,
+        model=model,
+        out=Path("out/bench-e2e"),
+        gallery_items=0,
+        url=url,
+        api_key=api_key,
+        data_dir=data_dir,
+        render_workers=render_workers,
+        as_json=as_json,
+    )
+
+
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
-    """Mount ``up``, ``keys``, ``demo`` and ``render`` on the main CLI."""
+    """Mount ``up``, ``keys``, ``demo``, ``render`` on the main CLI and ``e2e`` under ``bench``."""
     app.command("up")(up)
     app.command("demo")(demo)
     app.command("render")(render)
     app.add_typer(keys_app, name="keys")
+    bench_app.command("e2e")(bench_e2e)
 
 
 __all__ = ["register"]
