@@ -1,4 +1,4 @@
-"""CLI commands ``nirvana bench index`` and ``nirvana bench codecs`` (mounted by :func:`register`)."""
+"""CLI commands ``nirvana bench index|codecs|trace|gpu`` (mounted by :func:`register`)."""
 
 from __future__ import annotations
 
@@ -63,7 +63,122 @@ def bench_codecs_cmd(
         typer.echo(to_json(res))
 
 
+def _csv(text: str | None) -> list[str]:
+    return [v.strip() for v in (text or "").split(",") if v.strip()]
+
+
+def bench_trace_cmd(
+    trace: Annotated[
+        list[Path] | None, typer.Option("--trace", help="trace file (repeat for several; default: all six channels)")
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="requests per trace file (headline run)")] = None,
+    budget_prompts: Annotated[int, typer.Option(help="budget: what B prompts' five fp32 512² states take")] = 10000,
+    policies: Annotated[str | None, typer.Option(help="comma-separated subset of the policies (default: all)")] = None,
+    sweep_budgets: Annotated[
+        str, typer.Option(help="budgets in prompts for the sweep, comma-separated ('' = no sweep)")
+    ] = "1000,3000,10000,30000,100000",
+    sweep_limit: Annotated[int | None, typer.Option(help="requests per trace file for the sweep")] = None,
+    sweep_policies: Annotated[str | None, typer.Option(help="policies in the sweep (default: as --policies)")] = None,
+    jobs: Annotated[int, typer.Option(help="replays run in parallel (processes, one database each)")] = 1,
+    image_bytes_per_pixel: Annotated[float, typer.Option(help="PNG bytes per pixel of an exact-tier image")] = 1.5,
+    step_cost_s: Annotated[
+        float | None, typer.Option(help="seconds per 512² step (default: measured from the trace)")
+    ] = None,
+    database_url: Annotated[str | None, typer.Option(help="server for the fresh databases (default: embedded)")] = None,
+    cache_dir: Annotated[Path | None, typer.Option(help="embedding cache (default <data_dir>/bench/trace-emb)")] = None,
+    out: Annotated[Path, typer.Option(help="report directory")] = Path("out/bench"),
+    json_out: Annotated[bool, typer.Option("--json", help="last line: one JSON object")] = False,
+) -> None:
+    """Replay the dreambot trace through the real cache path (cost model instead of rendering); compare policies
+    at equal byte budgets."""
+    import json
+    import logging
+
+    from nirvana.bench.report import plot_path, write_report
+    from nirvana.bench.trace import default_trace_files, format_headline, run_trace_bench, trace_markdown, trace_plot
+    from nirvana.config import get_settings
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    settings = get_settings()
+    files = list(trace or []) or default_trace_files()
+    for f in files:
+        if not Path(f).is_file():
+            raise typer.BadParameter(f"trace file not found: {f}")
+    try:
+        budgets = tuple(int(b) for b in _csv(sweep_budgets))
+    except ValueError:
+        raise typer.BadParameter(f"--sweep-budgets must be comma-separated integers, got {sweep_budgets!r}") from None
+    try:
+        res = run_trace_bench(
+            files,
+            limit=limit,
+            budget_prompts=budget_prompts,
+            policies=_csv(policies) or None,
+            sweep_budgets=budgets,
+            sweep_limit=sweep_limit,
+            sweep_policies=_csv(sweep_policies) or None,
+            database_url=database_url or settings.database_url or None,
+            cache_dir=cache_dir or Path(settings.data_dir) / "bench" / "trace-emb",
+            image_bytes_per_pixel=image_bytes_per_pixel,
+            step_cost_s=step_cost_s,
+            jobs=jobs,
+        )
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    plot = trace_plot(res, plot_path(out, "trace")) if res["sweep"]["rows"] else None
+    paths = write_report(out, "trace", res, trace_markdown(res, plot))
+    typer.echo(format_headline(res))
+    typer.echo(f"wrote {paths['json']}, {paths['markdown']}" + (f", {plot}" if plot else ""))
+    if json_out:
+        typer.echo(json.dumps(res, separators=(",", ":"), default=str))
+
+
+def bench_gpu_cmd(
+    allow_cpu: Annotated[bool, typer.Option("--allow-cpu", help="allow a CPU run (only with --tiny)")] = False,
+    tiny: Annotated[bool, typer.Option("--tiny", help="tiny config of the same structure (smoke test)")] = False,
+    repeats: Annotated[int, typer.Option(help="timed repeats per measurement (median)")] = 3,
+    batches: Annotated[str, typer.Option(help="batch sizes, comma-separated")] = "1,2,4,8",
+    dtype: Annotated[str, typer.Option(help="fp16 | bf16 | fp32 (CPU runs use fp32)")] = "fp16",
+    cache_entries: Annotated[int, typer.Option(help="prompts in the database for the overhead measurement")] = 3000,
+    cache_queries: Annotated[int, typer.Option(help="lookups timed")] = 200,
+    embedder: Annotated[str, typer.Option(help="minilm | none (skip the embedding time)")] = "minilm",
+    database_url: Annotated[str | None, typer.Option(help="server for the fresh database (default: embedded)")] = None,
+    max_seconds: Annotated[float, typer.Option(help="skip what is left after this many seconds")] = 420.0,
+    out: Annotated[Path, typer.Option(help="report directory")] = Path("out/bench"),
+    json_out: Annotated[bool, typer.Option("--json", help="last line: one JSON object")] = False,
+) -> None:
+    """SD 1.5-sized random-weight UNet + VAE on a GPU: step time, resumed vs full runs, batch scaling, and the
+    cache's overhead per request. Refuses without CUDA unless --allow-cpu --tiny."""
+    import json
+
+    from nirvana.bench.gpu import GpuUnavailable, run_gpu_bench, write_outputs
+
+    try:
+        res = run_gpu_bench(
+            allow_cpu=allow_cpu,
+            tiny=tiny,
+            repeats=repeats,
+            batches=_ints(batches, "--batches"),
+            dtype=dtype,
+            cache_entries=cache_entries,
+            cache_queries=cache_queries,
+            database_url=database_url,
+            embedder=embedder,
+            max_seconds=max_seconds,
+        )
+    except GpuUnavailable as e:
+        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    write_outputs(res, out)
+    if json_out:
+        typer.echo(json.dumps(res, separators=(",", ":")))
+
+
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
-    """Mount ``index`` and ``codecs`` under ``bench_app`` (``nirvana bench ...``)."""
+    """Mount ``index``, ``codecs``, ``trace`` and ``gpu`` under ``bench_app`` (``nirvana bench ...``)."""
     bench_app.command("index")(bench_index_cmd)
     bench_app.command("codecs")(bench_codecs_cmd)
+    bench_app.command("trace")(bench_trace_cmd)
+    bench_app.command("gpu")(bench_gpu_cmd)
