@@ -12,9 +12,7 @@ import typer
 app = typer.Typer(
     no_args_is_help=True, add_completion=False, help="nirvana: diffusion serving with approximate caching"
 )
-bench_app = typer.Typer(
-    no_args_is_help=True, help="Benchmarks (each prints ratios measured side by side in one run)."
-)
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (each prints ratios measured side by side in one run).")
 app.add_typer(bench_app, name="bench")
 
 
@@ -38,9 +36,7 @@ def _parse_size(size: str | None) -> tuple[int | None, int | None]:
 def generate(
     prompt: Annotated[str, typer.Argument(help="text prompt")],
     steps: Annotated[int, typer.Option(help="denoising steps N")] = 50,
-    guidance: Annotated[
-        float | None, typer.Option(help="classifier-free guidance scale (model default)")
-    ] = None,
+    guidance: Annotated[float | None, typer.Option(help="classifier-free guidance scale (model default)")] = None,
     seed: Annotated[int, typer.Option(help="seed of the initial noise")] = 0,
     size: Annotated[str | None, typer.Option(help="WIDTHxHEIGHT (model default)")] = None,
     model: Annotated[str, typer.Option(help="'bundled', a local diffusers dir, or a hub id")] = "bundled",
@@ -125,9 +121,7 @@ def eval_model_cmd(
         return
     res = evaluate_model(engine, metrics, steps=steps, guidance=guidance, pairs=pairs)
     typer.echo(f"model_key            {res['model_key']}")
-    typer.echo(
-        f"adherence            {res['adherence']:.3f}  (held-out combinations: {res['held_out_scenes']})"
-    )
+    typer.echo(f"adherence            {res['adherence']:.3f}  (held-out combinations: {res['held_out_scenes']})")
     for a, v in res["per_attribute"].items():
         typer.echo(f"  {a:<18} {v:.3f}")
     typer.echo(f"probe_accuracy       {res['probe_accuracy']:.3f}  (probe on real renders)")
@@ -204,8 +198,7 @@ def calibrate(
     dest.write_text(json.dumps({**policy, "model_key": engine.model_key()}, indent=2) + "\n")
     typer.echo(format_table(table))
     rows = [
-        [f"{d['bucket'][0]:.2f}-{d['bucket'][1]:.2f}", d["count"], d["full"], d["k_raw"], d["k"]]
-        for d in decisions
+        [f"{d['bucket'][0]:.2f}-{d['bucket'][1]:.2f}", d["count"], d["full"], d["k_raw"], d["k"]] for d in decisions
     ]
     md = "\n".join(
         [
@@ -225,11 +218,30 @@ def calibrate(
         ]
     )
     write_report(report, "calibrate", {"table": table, "decisions": decisions, "policy": policy}, md)
-    typer.echo(
-        f"wrote {dest}: " + ", ".join(f"s>{r['min_similarity']:.2f}→{r['k']}" for r in policy["rules"])
-    )
+    typer.echo(f"wrote {dest}: " + ", ".join(f"s>{r['min_similarity']:.2f}→{r['k']}" for r in policy["rules"]))
     if as_json:
         typer.echo(json.dumps({"policy": policy, "path": str(dest)}))
+
+
+@bench_app.command("engine")
+def bench_engine_cmd(
+    model: Annotated[
+        str, typer.Option(help="'tiny' (random SD-shaped, built here), 'bundled', or a model ref")
+    ] = "tiny",
+    steps: Annotated[int, typer.Option(help="N")] = 50,
+    repeats: Annotated[int, typer.Option(help="runs per measurement (median)")] = 5,
+    as_json: Annotated[bool, typer.Option("--json", help="last line: one JSON object")] = False,
+) -> None:
+    """Wall time of a full run and of runs resumed at K = 10 and 25, as ratios (same process)."""
+    from nirvana.bench.engine import bench_engine
+
+    res = bench_engine(model, steps=steps, repeats=repeats)
+    typer.echo(f"full N={steps}: {res['full_s']:.3f}s")
+    for k in (10, 25):
+        ratio, ideal = res[f"k{k}_ratio"], res[f"k{k}_ideal_ratio"]
+        typer.echo(f"resume K={k}: {res[f'k{k}_s']:.3f}s  ratio {ratio:.3f}  (ideal {ideal:.2f})")
+    if as_json:
+        typer.echo(json.dumps(res))
 
 
 @bench_app.command("quality")
@@ -248,9 +260,7 @@ def bench_quality(
     cal_path = policy or policies_dir() / "calibrated-scenes-32.json"
     calibrated = KPolicy.from_file(cal_path) if cal_path.exists() else None
     if calibrated is None:
-        typer.echo(
-            f"note: no calibrated table at {cal_path}; run `nirvana calibrate` (row 'calibrated' skipped)"
-        )
+        typer.echo(f"note: no calibrated table at {cal_path}; run `nirvana calibrate` (row 'calibrated' skipped)")
     res = run_quality(engine, metrics, calibrated, n_pairs=pairs)
     plot = plot_path(out, "quality")
     quality_plot(res, plot)

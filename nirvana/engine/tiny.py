@@ -1,19 +1,20 @@
-"""A tiny random-weight Stable-Diffusion pipeline built locally (no hub): CLIP tokenizer, text encoder, VAE, UNet."""
+"""A tiny random-weight Stable-Diffusion pipeline built locally (no hub): CLIP tokenizer, text encoder, VAE, UNet.
+
+Used by the tests and by ``nirvana bench engine``: it has SD 1.x's structure (CLIP text encoder, VAE with a
+scaling factor, cross-attention UNet), so the same loading and denoising code runs on it as on real weights.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
 
 def _bytes_to_unicode() -> dict[int, str]:
-    bs = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -24,7 +25,7 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, [chr(c) for c in cs], strict=True))
 
 
-def build_tokenizer(path: Path):  # type: ignore[no-untyped-def]
+def build_tokenizer(path: Path) -> Any:
     """A byte-level CLIP BPE tokenizer with only single-character tokens (plus a few merges)."""
     from transformers import CLIPTokenizer
 

@@ -16,7 +16,7 @@ from nirvana.engine.engine import (
 )
 from nirvana.engine.loader import load_model
 from nirvana.engine.state import CapturedState
-from tests.engine.tiny import build_tiny_sd
+from nirvana.engine.tiny import build_tiny_sd
 
 PROMPT = "a red cat"
 DPM_TOLERANCE = 0.05  # max abs image diff after resuming DPM-Solver++ (history restarts); see docs/ENGINE.md
