@@ -120,7 +120,9 @@ def keys_revoke(
             pg.stop()
 
 
-def _stack_config(data_dir: Path, model: str | None, port: int, render_workers: int, beat: bool = True) -> Any:
+def _stack_config(
+    data_dir: Path, model: str | None, port: int, render_workers: int, beat: bool = True, ready_timeout_s: float = 600.0
+) -> Any:
     from nirvana.config import get_settings
     from nirvana.service.stack import StackConfig
 
@@ -135,6 +137,7 @@ def _stack_config(data_dir: Path, model: str | None, port: int, render_workers: 
         api_port=port,
         render_workers=render_workers,
         beat=beat,
+        ready_timeout_s=ready_timeout_s,
     )
 
 
@@ -143,6 +146,7 @@ def up(
     port: Annotated[int | None, typer.Option(help="API port (default NIRVANA_API_PORT)")] = None,
     model: Annotated[str | None, typer.Option(help="model to serve (default NIRVANA_MODEL)")] = None,
     render_workers: Annotated[int, typer.Option(help="render worker processes")] = 1,
+    ready_timeout: Annotated[float, typer.Option(help="seconds to wait for the stack to become ready")] = 600.0,
 ) -> None:
     """Start the whole stack on this machine (no Docker) and keep it running until Ctrl-C.
 
@@ -155,7 +159,8 @@ def up(
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     s = get_settings()
-    stack = Stack(_stack_config(_data_dir(data_dir), model, s.api_port if port is None else port, render_workers))
+    port_ = s.api_port if port is None else port
+    stack = Stack(_stack_config(_data_dir(data_dir), model, port_, render_workers, ready_timeout_s=ready_timeout))
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         stack.start()

@@ -125,7 +125,7 @@ class StackConfig:
     beat: bool = True
     fast_postgres: bool = False
     env: dict[str, str] = field(default_factory=dict)
-    ready_timeout_s: float = 180.0
+    ready_timeout_s: float = 600.0  # slow, contended machines need minutes to import torch in 3 processes
 
 
 class Stack:

@@ -46,7 +46,7 @@ def stack(new_database: Callable[..., str], tiny_model_dir: Path) -> Iterator[St
         model=model,
         render_workers=1,
         env=TEST_ENV,
-        ready_timeout_s=240,
+        ready_timeout_s=600,
     )
     with Stack(cfg) as s:
         yield s

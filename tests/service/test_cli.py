@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from nirvana.services.postgres import free_port
 
 from .conftest import TEST_ENV
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = pytest.mark.timeout(900)
 NIRVANA = [sys.executable, "-m", "nirvana.cli"]
 
 
@@ -75,12 +74,13 @@ def test_up_keys_and_clean_shutdown(new_database: Callable[..., str], tiny_model
         text=True,
     )
     try:
-        deadline = time.monotonic() + 300
         assert proc.stdout is not None
-        for line in proc.stdout:
+        seen = []
+        for line in proc.stdout:  # `up` itself gives up after --ready-timeout (default 600 s)
+            seen.append(line)
             if "nirvana is up" in line:
                 break
-            assert time.monotonic() < deadline, "up did not become ready"
+        assert any("nirvana is up" in line for line in seen), "".join(seen[-40:])
         info = json.loads((data / "stack.json").read_text())
         key = subprocess.run(
             [*NIRVANA, "keys", "create", "--tenant", "cli-test", "--data-dir", str(data)],

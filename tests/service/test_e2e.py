@@ -12,7 +12,7 @@ from PIL import Image
 
 from nirvana.service.client import ApiError, Client
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = pytest.mark.timeout(900)
 
 BASE = "a small red circle on a white background, top left"
 SIMILAR = "a tiny red circle on a white background, top left"
@@ -181,7 +181,7 @@ def test_batch_of_50(client: Client) -> None:
     ]
     b = client.submit_batch(jobs)
     assert b["total"] == 50
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 600
     while True:
         cur = client.batch(b["id"])
         if cur["done"] or time.monotonic() > deadline:

@@ -13,10 +13,10 @@ import pytest
 from nirvana.service.client import Client
 from nirvana.service.jobs import JobStore
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = pytest.mark.timeout(900)
 
 
-def _wait_log(path: Any, needle: str, timeout_s: float = 180) -> None:
+def _wait_log(path: Any, needle: str, timeout_s: float = 500) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if path.exists() and needle in path.read_text(errors="replace"):
