@@ -84,9 +84,7 @@ def fit_policy(
         else:
             rules.append({"min_similarity": d["bucket"][0], "k": d["k"]})
     if not rules:
-        raise ValueError(
-            f"no similarity bucket keeps {target:.2f} × full adherence at any K; table unchanged"
-        )
+        raise ValueError(f"no similarity bucket keeps {target:.2f} × full adherence at any K; table unchanged")
     policy = {
         "name": name,
         "description": f"calibrated: hits keep >= {target} x full-generation adherence (one-sided 90% Wilson bound)",

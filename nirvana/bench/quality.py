@@ -83,9 +83,7 @@ class QualityBench:
         )
         self.src_states = [{s.step: s for s in st} for st in src_states]
         self.full, _ = generate_batched(engine, self.targets, self.seeds, steps, batch=batch, desc="full")
-        self.refs = torch.from_numpy(
-            to_array([render(p.target_scene, seed=31 + i) for i, p in enumerate(self.pairs)])
-        )
+        self.refs = torch.from_numpy(to_array([render(p.target_scene, seed=31 + i) for i, p in enumerate(self.pairs)]))
 
     def score(self, images: torch.Tensor, saved_steps: list[int]) -> dict[str, Any]:
         adh = self.metrics.adherence(images, self.scenes)

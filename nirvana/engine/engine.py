@@ -141,9 +141,7 @@ class DiffusionEngine:
         m = self.c.size_multiple
         for name, v in (("height", height), ("width", width)):
             if not isinstance(v, int) or v <= 0 or v % m or v > 4096:
-                raise ValueError(
-                    f"{name}: must be a positive multiple of {m} and <= 4096 for this model, got {v!r}"
-                )
+                raise ValueError(f"{name}: must be a positive multiple of {m} and <= 4096 for this model, got {v!r}")
 
     def _check_state(self, state: CapturedState, key: str, shape: tuple[int, ...]) -> None:
         if state.model_key != key:
@@ -154,9 +152,7 @@ class DiffusionEngine:
             raise ValueError("start: state latent contains NaN or Inf")
 
     # -- the loop ---------------------------------------------------------------------------------------------
-    def _conditioning(
-        self, prompts: list[str], negative: list[str], cfg: bool, h: int, w: int
-    ) -> Conditioning:
+    def _conditioning(self, prompts: list[str], negative: list[str], cfg: bool, h: int, w: int) -> Conditioning:
         cond = self.c.encoder.encode(prompts)
         if cfg:
             cond = Conditioning.cat([self.c.encoder.encode(negative), cond])

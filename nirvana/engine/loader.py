@@ -159,9 +159,7 @@ def load_model(
     elif ref.count("/") == 1 and not ref.startswith((".", "/")):
         comps = _load_diffusers(ref, ref, dev, dt)  # hub id: needs network
     else:
-        raise ValueError(
-            f"model {ref!r} is neither 'bundled', an existing directory, nor a hub id (org/name)"
-        )
+        raise ValueError(f"model {ref!r} is neither 'bundled', an existing directory, nor a hub id (org/name)")
     if scheduler != "default":
         comps.scheduler = make_scheduler(comps.scheduler.config, scheduler)
     return comps

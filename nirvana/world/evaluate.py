@@ -95,9 +95,7 @@ def make_pairs(n: int, seed: int = 0, scenes: list[Scene] | None = None) -> list
         src = rng.choice(pool)
         changes = rng.choices([0, 1, 2, 3], weights=[30, 35, 25, 10])[0]
         tgt = edit_scene(src, changes, rng)
-        pairs.append(
-            PromptPair(write_prompt(src, rng), write_prompt(tgt, rng), tgt, changes, rng.randrange(2**31))
-        )
+        pairs.append(PromptPair(write_prompt(src, rng), write_prompt(tgt, rng), tgt, changes, rng.randrange(2**31)))
     return pairs
 
 
@@ -166,9 +164,7 @@ def k_similarity_table(
         for c, k in enumerate(cols):
             counts[b][c] += 1
             sums[b][c] += float(ok_by_k[k][i])
-    adher = [
-        [(sums[b][c] / counts[b][c]) if counts[b][c] else None for c in range(len(cols))] for b in range(nb)
-    ]
+    adher = [[(sums[b][c] / counts[b][c]) if counts[b][c] else None for c in range(len(cols))] for b in range(nb)]
     return {
         "buckets": [bucket_label(SIM_BUCKETS[i], SIM_BUCKETS[i + 1]) for i in range(nb)],
         "bucket_edges": list(SIM_BUCKETS),
@@ -210,9 +206,7 @@ def evaluate_model(
     images, _ = generate_batched(engine, prompts, seeds, steps, guidance, batch=batch, desc="held-out")
     batched_s = (time.perf_counter() - t0) / len(held)
     adh = metrics.adherence(images, list(held))
-    refs = torch.from_numpy(
-        to_array([render(s, seed=1000 + i) for i, s in enumerate(held) for _ in range(2)])
-    )
+    refs = torch.from_numpy(to_array([render(s, seed=1000 + i) for i, s in enumerate(held) for _ in range(2)]))
     probe_fid = metrics.fid(images, refs)
     real = torch.from_numpy(to_array([render(s, seed=5000 + i) for i, s in enumerate(held)]))
     probe_acc = metrics.adherence(real, list(held))
@@ -222,9 +216,7 @@ def evaluate_model(
     engine.generate([prompts[0]], seeds=[seeds[0]], steps=steps, guidance=guidance, capture=[])
     single_s = time.perf_counter() - t1
     table = (
-        k_similarity_table(engine, metrics, make_pairs(pairs, seed=seed + 1), steps, guidance, batch)
-        if pairs
-        else None
+        k_similarity_table(engine, metrics, make_pairs(pairs, seed=seed + 1), steps, guidance, batch) if pairs else None
     )
     return {
         "model_key": engine.model_key(),

@@ -58,9 +58,7 @@ class ProbeMetrics:
         x = images if isinstance(images, torch.Tensor) else torch.from_numpy(to_array(images))
         return self.probe.predict(x)
 
-    def adherence(
-        self, images: list[Image.Image] | torch.Tensor, scenes: list[Scene | None]
-    ) -> dict[str, Any]:
+    def adherence(self, images: list[Image.Image] | torch.Tensor, scenes: list[Scene | None]) -> dict[str, Any]:
         labels, _ = self.predict(images)
         ok_all = []
         per_attr: dict[str, list[bool]] = {a: [] for a in ATTRIBUTES}
@@ -79,9 +77,7 @@ class ProbeMetrics:
             "ok": ok_all,
         }
 
-    def fid(
-        self, generated: list[Image.Image] | torch.Tensor, reference: list[Image.Image] | torch.Tensor
-    ) -> float:
+    def fid(self, generated: list[Image.Image] | torch.Tensor, reference: list[Image.Image] | torch.Tensor) -> float:
         _, fa = self.predict(generated)
         _, fb = self.predict(reference)
         return frechet_distance(fa.astype(np.float64), fb.astype(np.float64))
@@ -112,17 +108,11 @@ class ClipScoreMetric:
 
     @torch.no_grad()
     def score(self, images: list[Image.Image], prompts: list[str]) -> dict[str, float]:
-        inputs = self.processor(
-            text=prompts, images=images, return_tensors="pt", padding=True, truncation=True
-        )
+        inputs = self.processor(text=prompts, images=images, return_tensors="pt", padding=True, truncation=True)
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
-        img = torch.nn.functional.normalize(
-            self.model.get_image_features(pixel_values=inputs["pixel_values"]), dim=-1
-        )
+        img = torch.nn.functional.normalize(self.model.get_image_features(pixel_values=inputs["pixel_values"]), dim=-1)
         txt = torch.nn.functional.normalize(
-            self.model.get_text_features(
-                input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
-            ),
+            self.model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]),
             dim=-1,
         )
         cos = (img * txt).sum(-1).clamp(min=0)

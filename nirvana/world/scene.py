@@ -158,10 +158,7 @@ def write_prompt(scene: Scene, rng: random.Random | None = None, template: int |
 
 def canonical_prompt(scene: Scene) -> str:
     """The plain first-template prompt with the first synonym of each attribute."""
-    words = {
-        name: _SYNONYMS.get(name, {}).get(getattr(scene, name), (getattr(scene, name),))[0]
-        for name in ATTRIBUTES
-    }
+    words = {name: _SYNONYMS.get(name, {}).get(getattr(scene, name), (getattr(scene, name),))[0] for name in ATTRIBUTES}
     return _TEMPLATES[0].format(**words)
 
 

@@ -195,9 +195,7 @@ def train_model(
         if step % 50 == 0 or step == steps - 1:
             recent = float(np.mean(losses[-50:]))
             bar.set_postfix(loss=f"{recent:.4f}")
-            log.info(
-                "step %d loss %.5f lr %.2e elapsed %.0fs", step, recent, lr_at(step), time.perf_counter() - t0
-            )
+            log.info("step %d loss %.5f lr %.2e elapsed %.0fs", step, recent, lr_at(step), time.perf_counter() - t0)
     elapsed = time.perf_counter() - t0
 
     ema.to(torch.float16).save_pretrained(out_dir / "unet", safe_serialization=True)

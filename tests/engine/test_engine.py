@@ -192,9 +192,7 @@ def test_bad_states_rejected(engines: dict[str, DiffusionEngine]) -> None:
     with pytest.raises(ValueError, match="shape"):
         ddim.generate([PROMPT], seeds=[1], steps=10, start=wrong_shape)
     with pytest.raises(ValueError, match="step"):
-        CapturedState(
-            latent=good.latent, step=10, num_steps=10, timestep=1.0, scheduler_family="ddim", model_key="x"
-        )
+        CapturedState(latent=good.latent, step=10, num_steps=10, timestep=1.0, scheduler_family="ddim", model_key="x")
     with pytest.raises(ValueError, match=r"^start: "):
         # A 1-step schedule has no timestep at or below the state's (captured halfway through 10 steps).
         ddim.generate([PROMPT], seeds=[1], steps=1, start=good)

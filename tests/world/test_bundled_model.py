@@ -33,6 +33,11 @@ def test_bundled_resume_exact(engine: DiffusionEngine) -> None:
     assert (res.images - full.images).abs().max() <= 1e-5
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="bundled model v0 (2,400 steps) is undertrained: it ignores prompts (see docs/MODEL.md, issue 3). "
+    "strict: once a retrained model passes, this marker must go.",
+)
 def test_bundled_model_follows_prompts(engine: DiffusionEngine) -> None:
     rng = random.Random(123)
     held = rng.sample(split_scenes()[1], 16)

@@ -29,9 +29,7 @@ def test_adherence_counts_unparsable_prompts_as_failures() -> None:
     assert res["adherence"] == 0.0 and res["ok"] == [False]
 
 
-@pytest.mark.skipif(
-    not (bundled_probe_dir() / "probe.safetensors").exists(), reason="probe weights not trained"
-)
+@pytest.mark.skipif(not (bundled_probe_dir() / "probe.safetensors").exists(), reason="probe weights not trained")
 def test_committed_probe_reads_renders() -> None:
     m = ProbeMetrics(bundled_probe_dir())
     held = split_scenes()[1]
