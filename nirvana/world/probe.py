@@ -86,7 +86,8 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 def render_set(scenes: list[Scene], per_scene: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     rng = random.Random(seed)
-    imgs, labels = [], []
+    imgs: list[Any] = []
+    labels: list[tuple[int, ...]] = []
     for s in scenes:
         imgs.extend(render(s, seed=rng.randrange(2**31)) for _ in range(per_scene))
         labels.extend([s.label()] * per_scene)
