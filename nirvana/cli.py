@@ -87,7 +87,7 @@ def train_model_cmd(
 @app.command("train-probe")
 def train_probe_cmd(
     out: Annotated[Path, typer.Option(help="output directory")] = Path("nirvana/models/probe-32"),
-    steps: Annotated[int, typer.Option(help="optimizer steps")] = 1500,
+    steps: Annotated[int, typer.Option(help="optimizer steps")] = 800,
     seed: Annotated[int, typer.Option(help="seed")] = 0,
 ) -> None:
     """Train the attribute probe used by adherence and probe-FID (a few minutes)."""

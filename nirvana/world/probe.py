@@ -94,7 +94,7 @@ def render_set(scenes: list[Scene], per_scene: int, seed: int) -> tuple[torch.Te
     return torch.from_numpy(to_array(imgs)), torch.tensor(labels)
 
 
-def train_probe(out_dir: Path, steps: int = 1500, batch_size: int = 128, seed: int = 0) -> dict[str, Any]:
+def train_probe(out_dir: Path, steps: int = 800, batch_size: int = 128, seed: int = 0) -> dict[str, Any]:
     """Train on renders of *all* scenes (the probe is a measuring device, not the model under test)."""
     torch.manual_seed(seed)
     out_dir = Path(out_dir)
