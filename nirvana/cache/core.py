@@ -420,6 +420,20 @@ class ApproximateCache:
             return None
 
     # ------------------------------------------------------------------ writes
+    def _new_prompt(self, req: CacheRequest, hit: LookupResult | None) -> NewPrompt:
+        """The prompt row a recorded generation adds (embedding reused from the lookup when present)."""
+        return NewPrompt(
+            req.prompt,
+            req.negative_prompt,
+            self._embedding_of(req, hit),
+            int(req.seed),
+            int(req.steps),
+            float(req.guidance),
+            int(req.width),
+            int(req.height),
+            req.exact_key(),
+        )
+
     def _hit_fields(self, hit: LookupResult | None) -> tuple[str, float | None, int | None, int | None, int]:
         tier = hit.tier if hit is not None else "miss"
         if hit is None or tier == "miss":
@@ -452,17 +466,7 @@ class ApproximateCache:
         new_states: list[NewState] = []
         image: NewImage | None = None
         if admit and not self._job_seen(job_id):
-            prompt = NewPrompt(
-                req.prompt,
-                req.negative_prompt,
-                self._embedding_of(req, hit),
-                int(req.seed),
-                int(req.steps),
-                float(req.guidance),
-                int(req.width),
-                int(req.height),
-                req.exact_key(),
-            )
+            prompt = self._new_prompt(req, hit)
             seen: set[int] = set()
             for st in sorted(states, key=lambda s: s.step):
                 if st.model_key != req.namespace.model_key:
@@ -541,17 +545,7 @@ class ApproximateCache:
                 raise ValueError(f"steps_k must be in 1..{req.steps - 1}, got {k}")
         prompt = None
         if admit:
-            prompt = NewPrompt(
-                req.prompt,
-                req.negative_prompt,
-                self._embedding_of(req, hit),
-                int(req.seed),
-                int(req.steps),
-                float(req.guidance),
-                int(req.width),
-                int(req.height),
-                req.exact_key(),
-            )
+            prompt = self._new_prompt(req, hit)
         states = [
             NewState(k, req.steps, 0.0, None, "virtual", [], None, "virtual", bytes_per_state, None)
             for k in ks
