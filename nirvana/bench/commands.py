@@ -80,6 +80,9 @@ def bench_trace_cmd(
     sweep_limit: Annotated[int | None, typer.Option(help="requests per trace file for the sweep")] = None,
     sweep_policies: Annotated[str | None, typer.Option(help="policies in the sweep (default: as --policies)")] = None,
     jobs: Annotated[int, typer.Option(help="replays run in parallel (processes, one database each)")] = 1,
+    threads: Annotated[
+        int, typer.Option(help="torch threads for MiniLM (0 = torch default; 1 on a busy or niced host)")
+    ] = 0,
     image_bytes_per_pixel: Annotated[float, typer.Option(help="PNG bytes per pixel of an exact-tier image")] = 1.5,
     step_cost_s: Annotated[
         float | None, typer.Option(help="seconds per 512² step (default: measured from the trace)")
@@ -93,12 +96,21 @@ def bench_trace_cmd(
     at equal byte budgets."""
     import json
     import logging
+    import signal
 
     from nirvana.bench.report import plot_path, write_report
     from nirvana.bench.trace import default_trace_files, format_headline, run_trace_bench, trace_markdown, trace_plot
     from nirvana.config import get_settings
 
+    def _interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # so SIGTERM, too, stops the embedded server and drops the databases
+
+    signal.signal(signal.SIGTERM, _interrupt)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if threads > 0:
+        import torch
+
+        torch.set_num_threads(threads)
     settings = get_settings()
     files = list(trace or []) or default_trace_files()
     for f in files:
@@ -108,6 +120,9 @@ def bench_trace_cmd(
         budgets = tuple(int(b) for b in _csv(sweep_budgets))
     except ValueError:
         raise typer.BadParameter(f"--sweep-budgets must be comma-separated integers, got {sweep_budgets!r}") from None
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = out / "trace.partial.jsonl"  # one line per finished replay (progress; partial results if interrupted)
+    ckpt.unlink(missing_ok=True)
     try:
         res = run_trace_bench(
             files,
@@ -122,6 +137,7 @@ def bench_trace_cmd(
             image_bytes_per_pixel=image_bytes_per_pixel,
             step_cost_s=step_cost_s,
             jobs=jobs,
+            checkpoint=ckpt,
         )
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None

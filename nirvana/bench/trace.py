@@ -413,7 +413,7 @@ def embed_with_cache(
         else EmbeddingCache(Path("/nonexistent-nirvana-emb"), embedder.space, embedder.dim)
     )
     todo = cache.missing(texts)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for i in range(0, len(todo), chunk):
         part = todo[i : i + chunk]
         emb = embedder.embed(list(part))
@@ -431,6 +431,7 @@ def embed_with_cache(
         "distinct_embedded": len(todo),
         "embed_s": round(dt, 2),
         "embed_ms_per_prompt": round(1000 * dt / len(todo), 3) if todo else None,
+        "embed_cpu_ms_per_prompt": round(1000 * (time.process_time() - c0) / len(todo), 3) if todo else None,
         "cached_embeddings": len(cache),
     }
     return cache.get(list(texts)), info
@@ -615,6 +616,13 @@ class _GivenEmbeddings:
 
 
 # ---------------------------------------------------------------------- replay
+def _k_ref(policy: Any, k: int, num_steps: int) -> int:
+    """The table's K (at its reference N) whose scaled step is ``k`` for a ``num_steps`` run (largest on ties);
+    ``k`` itself when no rule scales to it."""
+    refs = [r.k for r in policy.rules if policy.scale(r.k, num_steps) == k]
+    return max(refs) if refs else k
+
+
 def _k_order(k: str) -> tuple[bool, int]:
     return (k == "exact", int(k) if k != "exact" else 0)
 
@@ -697,6 +705,7 @@ def replay(
     record_ms: list[float] = []
     evict_s = refit_s = 0.0
     t_start = time.perf_counter()
+    cpu_start = time.process_time()
     try:
         for i, r in enumerate(reqs):
             now[0] = r.ts
@@ -713,7 +722,7 @@ def replay(
             if res.tier == "exact":
                 k_hist["exact"] += 1
             elif res.tier == "approximate":
-                k_hist[str(round(res.k * 50 / r.steps))] += 1
+                k_hist[str(_k_ref(cache.policy, res.k, r.steps))] += 1
             steps_req += r.steps
             steps_skip += skipped
             cost = step_cost_s * r.pixel_ratio
@@ -755,6 +764,7 @@ def replay(
             if progress is not None and ((i + 1) % 1000 == 0 or i + 1 == len(reqs)):
                 progress(i + 1, len(reqs))
         wall = time.perf_counter() - t_start
+        cpu = time.process_time() - cpu_start
         stats = cache.stats()
     finally:
         cache.close()
@@ -787,6 +797,7 @@ def replay(
         "timing": {
             "wall_s": round(wall, 2),
             "ms_per_request": round(1000 * wall / n, 3),
+            "client_cpu_ms_per_request": round(1000 * cpu / n, 3),
             "lookup_ms_p50": round(_pct(lookup_ms, 0.5), 3),
             "lookup_ms_p99": round(_pct(lookup_ms, 0.99), 3),
             "record_ms_p50": round(_pct(record_ms, 0.5), 3),
@@ -927,12 +938,13 @@ def run_trace_bench(
     calibrated: Path | None = None,
     jobs: int = 1,
     verbose: bool = True,
+    checkpoint: Path | None = None,
 ) -> dict[str, Any]:
     """Replay the trace for every policy at ``budget_prompts`` and sweep the budgets; returns a JSON-able dict.
 
     ``limit`` caps requests per trace file for the headline run, ``sweep_limit`` (default: ``limit``) for the
     sweep; an empty ``sweep_budgets`` skips the sweep. ``jobs`` > 1 replays policies in parallel (forked
-    processes, one database each, same server).
+    processes, one database each, same server). ``checkpoint``, if given, gets one JSON line per finished replay.
 
     Raises:
         ValueError: bad sizes, budgets or policy names.
@@ -983,10 +995,13 @@ def run_trace_bench(
     sweep_emb = emb if sweep_reqs is reqs else emb_all[len(reqs) :]
     if emb_info["embed_ms_per_prompt"] is None or emb_info["distinct_embedded"] < 256:
         sample = list(dict.fromkeys(r.prompt for r in reqs))[:256]
-        t0 = time.perf_counter()
+        embedder.embed(sample[:8])  # load the model outside the timing
+        t0, c0 = time.perf_counter(), time.process_time()
         embedder.embed(sample)
         emb_info["embed_ms_per_prompt_sample"] = round(1000 * (time.perf_counter() - t0) / max(len(sample), 1), 3)
+        emb_info["embed_cpu_ms_per_prompt_sample"] = round(1000 * (time.process_time() - c0) / max(len(sample), 1), 3)
     embed_ms = emb_info.get("embed_ms_per_prompt_sample") or emb_info["embed_ms_per_prompt"]
+    embed_cpu_ms = emb_info.get("embed_cpu_ms_per_prompt_sample") or emb_info["embed_cpu_ms_per_prompt"]
 
     # Size and cost models.
     codec_sizes = measure_state_bytes()
@@ -1008,7 +1023,8 @@ def run_trace_bench(
             bs = {b * unit for b in sweep_budgets} if all_specs[p].bounded else {budget}
             need.setdefault((sweep_ds, p), set()).update(bs)
     todo = [(ds, p, tuple(sorted(bs))) for (ds, p), bs in need.items()]
-    todo.sort(key=lambda t: -len(reqs if t[0] == "head" else sweep_reqs) * len(t[2]))  # long tasks first
+    # The headline first (what the JSON's "policies" need), then the sweep, longest tasks first.
+    todo.sort(key=lambda t: (t[0] != "head", -len(reqs if t[0] == "head" else sweep_reqs) * len(t[2])))
     server = _Server(database_url)
     _SHARED.clear()
     _SHARED.update(
@@ -1027,12 +1043,10 @@ def run_trace_bench(
 
             with mp.get_context("fork").Pool(min(jobs, len(todo))) as pool:
                 for rows in pool.imap_unordered(_run_task, todo):
-                    for ds, name, b, row in rows:
-                        results[(ds, name, b)] = row
+                    _collect(rows, results, checkpoint)
         else:
             for t in todo:
-                for ds, name, b, row in _run_task(t):
-                    results[(ds, name, b)] = row
+                _collect(_run_task(t), results, checkpoint)
     finally:
         _SHARED.clear()
         server.close()
@@ -1042,10 +1056,11 @@ def run_trace_bench(
         row["note"] = all_specs[name].note
         row["codec"] = all_specs[name].codec
         row["table"] = Path(all_specs[name].table).name if all_specs[name].table != "paper" else "paper"
-    router: dict[str, Any] = {"embed_ms_per_prompt": embed_ms}
+    router: dict[str, Any] = {"embed_ms_per_prompt": embed_ms, "embed_cpu_ms_per_prompt": embed_cpu_ms}
     src = pol.get("ours") or next(iter(pol.values()))
     cache_ms = src["timing"]["ms_per_request"]
     router["cache_ms_per_request"] = cache_ms
+    router["cache_client_cpu_ms_per_request"] = src["timing"].get("client_cpu_ms_per_request")
     router["measured_on"] = "ours" if "ours" in pol else next(iter(pol))
     router_pps = 1000.0 / (cache_ms + (embed_ms or 0.0)) if cache_ms + (embed_ms or 0.0) > 0 else None
     sweep_rows = []
@@ -1088,6 +1103,20 @@ def run_trace_bench(
         "notes": notes,
         "wall_s": round(time.perf_counter() - t_all, 1),
     }
+
+
+def _collect(
+    rows: list[tuple[str, str, int, dict[str, Any]]],
+    results: dict[tuple[str, str, int], dict[str, Any]],
+    checkpoint: Path | None,
+) -> None:
+    import json
+
+    for ds, name, b, row in rows:
+        results[(ds, name, b)] = row
+        if checkpoint is not None:
+            with open(checkpoint, "a") as fh:
+                fh.write(json.dumps({"dataset": ds, "policy": name, "budget_bytes": b, "row": row}) + "\n")
 
 
 def _brief(row: dict[str, Any]) -> dict[str, Any]:
@@ -1164,7 +1193,7 @@ def trace_markdown(res: dict[str, Any], plot: Path | None = None) -> str:
     lines += ["", "Policies:", ""]
     lines += [f"- `{n}`: {r.get('note', '')} (table: {r.get('table', 'paper')})" for n, r in pol.items()]
     ks = sorted({k for r in pol.values() for k in r["k_hist"]}, key=_k_order)
-    lines += ["", "## Hits by K (K at N = 50; share of each policy's hits)", ""]
+    lines += ["", "## Hits by K (the table's K at N = 50; share of each policy's hits)", ""]
     krows = []
     for n, r in pol.items():
         tot = max(sum(r["k_hist"].values()), 1)
@@ -1186,7 +1215,10 @@ def trace_markdown(res: dict[str, Any], plot: Path | None = None) -> str:
         "",
         f"{res['router_prompts_per_s']} prompts/s = 1 / (embed {r['embed_ms_per_prompt']} ms/prompt (batched MiniLM) "
         f"+ cache path {r['cache_ms_per_request']} ms/request (lookup + record + amortised eviction and gate refits, "
-        f"policy `{r['measured_on']}`)), one process, on a shared 2-core machine.",
+        f"policy `{r['measured_on']}`)), one process, wall-clock on a shared 2-core machine (this run was niced "
+        f"below other work, so these are pessimistic). CPU time: embedding {r.get('embed_cpu_ms_per_prompt')} ms per "
+        f"prompt, cache client (Python) {r.get('cache_client_cpu_ms_per_request')} ms per request, PostgreSQL's "
+        "share not included.",
     ]
     chans = sorted({c for r in pol.values() for c in r["by_channel"]})
     if chans:

@@ -19,6 +19,7 @@ from nirvana.bench.trace import (
     PolicySpec,
     SizeModel,
     TraceRequest,
+    _k_ref,
     _key,
     assign_times,
     default_specs,
@@ -153,6 +154,9 @@ def test_size_and_cost_models() -> None:
     reqs = [TraceRequest(i, "c", "", "p", 1, 7.0, 50, 512, 512, 1, DEFAULT_SAMPLER, 5.0 + i) for i in range(3)]
     assert step_cost_512(reqs) == pytest.approx(6.0 / 50)
     assert step_cost_512([_req(0, "p")]) is None
+    from nirvana.cache.policy import KPolicy
+
+    assert [_k_ref(KPolicy.paper(), k, 35) for k in (3, 7, 10, 14, 17)] == [5, 10, 15, 20, 25]  # floor(K·35/50)
 
 
 # ---------------------------------------------------------------------- replays with known outcomes
