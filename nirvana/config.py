@@ -72,6 +72,9 @@ class Settings(BaseSettings):
     max_guidance: float = Field(50.0, ge=0)
     openai_wait_s: float = Field(300.0, gt=0, description="longest POST /v1/images/generations waits")
     render_threads: int = Field(0, ge=0, description="torch threads per render worker (0: torch default)")
+    router_threads: int = Field(
+        1, ge=0, description="torch threads of a router (1: a one-prompt embedding gains nothing from more)"
+    )
     progress_interval_s: float = Field(0.25, gt=0, le=10, description="render progress/heartbeat/cancel poll")
     reaper_stale_s: float = Field(60.0, ge=5, description="a rendering job without heartbeat this long is stuck")
     reaper_requeue_s: float = Field(600.0, ge=10, description="re-send queued/routed jobs idle this long")

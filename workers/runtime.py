@@ -62,6 +62,11 @@ def router() -> Any:
     from nirvana.service.pipeline import Router
 
     if "router" not in _state:
+        if settings().router_threads:
+            import torch
+
+            # One prompt per lookup: extra threads only spin (6x slower embeddings on a busy 2-core machine).
+            torch.set_num_threads(settings().router_threads)
         _state["router"] = Router(settings(), store(), cache(), sender())
     return _state["router"]
 
