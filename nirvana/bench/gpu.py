@@ -22,6 +22,7 @@ seconds (its numbers only prove the code runs). Sized to finish in well under 8 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import statistics
@@ -392,7 +393,7 @@ def run_gpu_bench(
             skipped.append(f"resume K={k}: time guard")
             continue
         src = b.noise(1)  # a mid-trajectory latent's values do not change the cost
-        ts = b.timed(lambda k=k, src=src: b.run(1, steps, start=k, latents=src), repeats)
+        ts = b.timed(functools.partial(b.run, 1, steps, start=k, latents=src), repeats)
         r = _median(ts)
         resumed.append({"k": k, "seconds": round(r, 4), "ratio_to_full": round(r / res["full_s"], 4),
                         "ideal_ratio": round((steps - k) / steps, 4),
@@ -409,8 +410,8 @@ def run_gpu_bench(
         with torch.inference_mode():
             b.scheduler.set_timesteps(steps, device=b.device)
             xb, cb, tb = b.noise(bs), b.cond(bs), b.scheduler.timesteps[0]
-            st = _median(b.timed(lambda xb=xb, cb=cb, tb=tb: b.step(xb, tb, cb), max(5, repeats * 3)))
-            dt = _median(b.timed(lambda xb=xb: b.decode(xb), repeats))
+            st = _median(b.timed(functools.partial(b.step, xb, tb, cb), max(5, repeats * 3)))
+            dt = _median(b.timed(functools.partial(b.decode, xb), repeats))
         run_s = steps * st + dt
         scaling.append({"batch": bs, "step_ms": round(1000 * st, 3), "decode_ms": round(1000 * dt, 3),
                         "run_s_est": round(run_s, 4), "images_per_s": round(bs / run_s, 3),
