@@ -15,6 +15,7 @@ import threading
 from celery.signals import worker_ready
 
 from nirvana.service import models as served
+from nirvana.service.liveness import start_heartbeat
 from workers import runtime
 from workers.celery_app import make_celery
 
@@ -47,6 +48,7 @@ def main(argv: list[str] | None = None) -> None:
         # Registered once the consumer is up, so "registered" means "jobs sent now are consumed".
         served.register(store.pool, model)
         threading.Thread(target=_keep_registered, args=(store.pool, model), daemon=True).start()
+        start_heartbeat(store.pool, renderer.name, "render", model.queue)
 
     log.info("serving model %s (%s) on queue %s", model.name, model.checkpoint_id, model.queue)
     name = os.environ.get("NIRVANA_WORKER_NAME", "render")

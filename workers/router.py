@@ -9,7 +9,11 @@ from __future__ import annotations
 import logging
 import sys
 
+from celery.signals import worker_ready
+
+from nirvana.service.liveness import start_heartbeat
 from nirvana.service.models import ROUTE_QUEUE
+from nirvana.service.pipeline import worker_name
 from workers import runtime
 from workers.celery_app import make_celery
 
@@ -24,6 +28,12 @@ def main(argv: list[str] | None = None) -> None:
     args = [a for a in args if a != "--beat"]
     runtime.router()  # connect + load the embedder before consuming (first jobs are not slowed)
     runtime.cache().embed(["warm-up"])
+    store = runtime.store()
+
+    @worker_ready.connect
+    def _alive(**_: object) -> None:
+        start_heartbeat(store.pool, worker_name("router"), "router", ROUTE_QUEUE)
+
     argv_w = ["worker", "-Q", ROUTE_QUEUE, "--pool=solo", "--prefetch-multiplier=1", "-n", "router@%h", "-l", "INFO"]
     if beat:
         s.data_dir.mkdir(parents=True, exist_ok=True)

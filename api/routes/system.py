@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from api.deps import Admin, Caller, Service
 from nirvana.cache.core import SHARED_TENANT
 from nirvana.service.errors import Forbidden
+from nirvana.service.liveness import live_workers
 
 router = APIRouter(tags=["system"])
 
@@ -23,7 +24,8 @@ def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 def readyz(request: Request, svc: Service) -> JSONResponse:
-    """Readiness: database (migrated), broker and storage answer. Also lists served models (informational)."""
+    """Readiness: database (migrated), broker and storage answer. Also lists served models and live workers
+    per role (informational: the API can accept jobs before workers are up; they queue)."""
     checks: dict[str, Any] = {}
     ok = True
     for name, fn in (
@@ -39,8 +41,9 @@ def readyz(request: Request, svc: Service) -> JSONResponse:
             checks[name] = f"error: {type(e).__name__}: {e}"[:300]
     try:
         checks["models"] = svc.served_models()
+        checks["workers"] = live_workers(svc.store.pool)
     except Exception:
-        checks["models"] = []
+        checks["models"], checks["workers"] = [], {}
     return JSONResponse({"status": "ok" if ok else "unavailable", "checks": checks}, status_code=200 if ok else 503)
 
 

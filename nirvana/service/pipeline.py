@@ -27,6 +27,7 @@ import numpy as np
 from nirvana.cache.core import SHARED_TENANT, ApproximateCache, CacheRequest, LookupResult, Namespace
 from nirvana.config import Settings
 from nirvana.service.jobs import JobStore
+from nirvana.service.liveness import prune
 from nirvana.service.models import ServedModel
 from nirvana.service.service import TaskSender, image_key
 
@@ -280,6 +281,7 @@ class Maintenance:
         for r in found["route"]:
             self.sender.send_route(r["id"])
         out = {k: len(v) for k, v in found.items()}
+        out["workers_forgotten"] = prune(self.store.pool)
         if any(out.values()):
             log.warning("reaper: %s (%.0f ms)", out, (time.monotonic() - t0) * 1000)
         return out

@@ -256,7 +256,7 @@ class Stack:
                 raise RuntimeError(f"{p.name} exited (code {p.proc.returncode if p.proc else '?'}):\n{p.tail()}")
 
     def wait_ready(self, timeout_s: float) -> None:
-        """Until ``/readyz`` is 200 and every render worker's model is registered (fresh heartbeat)."""
+        """Until ``/readyz`` is 200, a model is registered and a router and a render worker are consuming."""
         deadline = time.monotonic() + timeout_s
         last = ""
         while time.monotonic() < deadline:
@@ -264,7 +264,8 @@ class Stack:
             try:
                 r = httpx.get(f"{self.api_url}/readyz", timeout=5)
                 body = r.json()
-                if r.status_code == 200 and body["checks"].get("models"):
+                live = body["checks"].get("workers") or {}
+                if r.status_code == 200 and body["checks"].get("models") and live.get("router") and live.get("render"):
                     return
                 last = json.dumps(body)
             except (httpx.HTTPError, ValueError) as e:

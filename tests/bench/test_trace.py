@@ -243,9 +243,14 @@ def test_byte_budgets_are_respected(new_database: Any) -> None:
 # ---------------------------------------------------------------------- CLI smoke
 def _smoke_trace(tmp_path: Path) -> Path:
     """The real channel W1-dream-4 if the shared data is here, else a synthetic trace with refinements."""
-    real = Path("/work/shared/data/prompts/sd-discord-dreambot/W1-dream-4.trace.csv.gz")
-    if real.exists():
-        return real
+    from nirvana.bench.trace import default_trace_files
+
+    try:
+        real = [f for f in default_trace_files() if f.name.startswith("W1-dream-4.")]
+    except FileNotFoundError:
+        real = []
+    if real:
+        return real[0]
     base = ["a castle on a hill", "portrait of a cat wearing a hat", "cyberpunk city at night", "a bowl of fruit"]
     rows = []
     for i in range(300):
