@@ -72,12 +72,12 @@ def generate(
 @app.command("train-model")
 def train_model_cmd(
     out: Annotated[Path, typer.Option(help="output pipeline directory")] = Path("nirvana/models/scenes-32"),
-    steps: Annotated[int, typer.Option(help="optimizer steps")] = 4000,
+    steps: Annotated[int, typer.Option(help="optimizer steps")] = 2400,
     batch_size: Annotated[int, typer.Option(help="batch size")] = 64,
     seed: Annotated[int, typer.Option(help="seed")] = 0,
     threads: Annotated[int, typer.Option(help="torch CPU threads (0 = torch default)")] = 0,
 ) -> None:
-    """Train the bundled scene model from scratch (≈60 min on 2 cores). Retrain rarely: weights live in git."""
+    """Train the bundled scene model from scratch (≈75 min on 2 cores, alone). Retrain rarely: weights live in git."""
     from nirvana.world.train import train_model
 
     summary = train_model(out, steps=steps, batch_size=batch_size, seed=seed, threads=threads or None)
