@@ -270,30 +270,18 @@ def bench_quality(
         typer.echo(json.dumps(res))
 
 
-def _mount_optional() -> None:
-    """Mount sub-commands of packages that may not be present in every checkout."""
-    try:
-        from nirvana.cache.commands import register as register_cache
-    except ImportError:
-        pass
-    else:
-        register_cache(app, bench_app)
-    try:
-        from nirvana.bench.commands import register as register_bench
-    except ImportError:
-        pass
-    else:
-        register_bench(app, bench_app)
-    try:
-        from nirvana.service.commands import register as register_service
-    except ImportError:
-        pass
-    else:
-        register_service(app, bench_app)
+def _mount_subcommands() -> None:
+    """Mount the cache, bench and service sub-commands (their modules import heavy packages lazily)."""
+    from nirvana.bench.commands import register as register_bench
+    from nirvana.cache.commands import register as register_cache
+    from nirvana.service.commands import register as register_service
+
+    for register in (register_cache, register_bench, register_service):
+        register(app, bench_app)
 
 
 def main() -> None:
-    _mount_optional()
+    _mount_subcommands()
     app()
 
 

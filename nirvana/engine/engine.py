@@ -218,6 +218,16 @@ class DiffusionEngine:
         sched = self.c.scheduler
         sched.set_timesteps(steps, device=self.c.device)
         timesteps = sched.timesteps
+        n_train = int(sched.config.num_train_timesteps)
+        if timesteps.numel() and float(timesteps.max()) >= n_train:
+            # SD-style configs (steps_offset=1, "leading" spacing) put the first of N=num_train_timesteps
+            # steps at t=N, past the end of the noise table: diffusers then fails deep inside step().
+            usable = int((timesteps < n_train).sum())
+            raise ValueError(
+                f"steps: {steps} is more than this scheduler supports ({type(sched).__name__} with "
+                f"steps_offset={sched.config.get('steps_offset', 0)} and {n_train} training timesteps: "
+                f"at most {usable})"
+            )
         begin = 0
         if start is not None:
             states = [start] * n if isinstance(start, CapturedState) else list(start)

@@ -99,6 +99,7 @@ def build_tiny_sd(path: Path, scheduler: str = "ddim", seed: int = 0) -> Path:
         beta_schedule="scaled_linear",
         clip_sample=False,
         set_alpha_to_one=False,
+        steps_offset=1,  # as in SD 1.5's scheduler_config.json
     )
     pipe = StableDiffusionPipeline(
         vae=vae,

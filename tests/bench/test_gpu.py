@@ -55,9 +55,9 @@ def test_cli_refuses_without_cuda() -> None:
         pytest.skip("needs a machine without CUDA")
     from typer.testing import CliRunner
 
-    from nirvana.cli import _mount_optional, app, bench_app
+    from nirvana.cli import _mount_subcommands, app, bench_app
 
     if not any(c.name == "gpu" for c in bench_app.registered_commands):
-        _mount_optional()
+        _mount_subcommands()
     r = CliRunner().invoke(app, ["bench", "gpu"])
     assert r.exit_code == 2 and "--allow-cpu --tiny" in r.output
