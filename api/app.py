@@ -91,14 +91,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         errors = exc.errors()
         first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request"}
         field = _field(first["loc"])
+        msg = first["msg"]
+        if first.get("type") == "json_invalid":  # loc is ("body", <position>)
+            field = "body"
+            msg = f"invalid JSON at position {first['loc'][-1]}: {(first.get('ctx') or {}).get('error', '')}"
         detail = [{"field": _field(e["loc"]), "message": e["msg"], "type": e.get("type")} for e in errors]
         return JSONResponse(
             {
-                "error": {"type": "validation_error", "field": field, "message": f"{field}: {first['msg']}"},
+                "error": {"type": "validation_error", "field": field, "message": f"{field}: {msg}"},
                 "detail": detail,
             },
             status_code=422,
         )
+
+    from api.security import install_security
+
+    install_security(app, settings)
 
     from api.routes import batches, images, jobs, system
 

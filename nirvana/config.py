@@ -83,6 +83,20 @@ class Settings(BaseSettings):
     beat_reap_s: float = Field(15.0, gt=0)
     api_key_cache_s: float = Field(10.0, ge=0, description="seconds a verified API key is cached per process")
 
+    # Abuse limits (docs/SECURITY.md). Rate limits are token buckets per API key, kept in Redis so every API
+    # process shares them; 0 turns a bucket off.
+    max_body_bytes: int = Field(
+        16 * 1024**2, ge=1024, description="largest request body (HTTP 413 above it); a 1000-job batch fits"
+    )
+    metrics_admin_only: bool = Field(
+        False, description="/metrics (deployment-wide counters) for admin keys only (docs/SECURITY.md)"
+    )
+    rate_limit_url: str = Field("", description="Redis URL of the rate-limit buckets (default: broker_url)")
+    rate_limit_requests_per_s: float = Field(50.0, ge=0, description="sustained requests per second per API key")
+    rate_limit_requests_burst: int = Field(200, ge=1, description="requests a key may send at once")
+    rate_limit_jobs_per_s: float = Field(10.0, ge=0, description="sustained jobs created per second per API key")
+    rate_limit_jobs_burst: int = Field(1000, ge=1, description="jobs a key may create at once (≥ max_batch_jobs)")
+
     @field_validator("model")
     @classmethod
     def _model_nonempty(cls, v: str) -> str:

@@ -5,14 +5,17 @@ from __future__ import annotations
 import base64
 import time
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
+from pydantic import ValidationError
 
-from api.deps import BaseURL, Caller, Service
+from api.deps import BaseURL, Caller, Service, charge_jobs
 from nirvana.service.errors import FieldError, ServiceError
 from nirvana.service.schemas import JobRequest, OpenAIImage, OpenAIImageRequest, OpenAIImageResponse
 
 router = APIRouter(prefix="/v1/images", tags=["openai"])
+# JobRequest fields that this API spells differently
+_OPENAI_FIELD = {"width": "size", "height": "size"}
 
 
 class GenerationTimeout(ServiceError):
@@ -24,29 +27,46 @@ class GenerationFailed(ServiceError):
 
 
 @router.post("/generations", response_model=OpenAIImageResponse, response_model_exclude_none=True)
-async def generations(body: OpenAIImageRequest, svc: Service, caller: Caller, base: BaseURL) -> OpenAIImageResponse:
+async def generations(
+    request: Request, body: OpenAIImageRequest, svc: Service, caller: Caller, base: BaseURL
+) -> OpenAIImageResponse:
     """``n`` images (seeds ``seed``, ``seed+1``, ... when ``seed`` is given). ``url`` links point at
     ``/v1/jobs/{id}/image`` (same API key)."""
     width = height = None
     if body.size:
         w, h = (int(v) for v in body.size.split("x"))
-        if w < 1 or h < 1:
-            raise FieldError("size", "must be WIDTHxHEIGHT with positive numbers")
+        limit = svc.settings.max_image_size
+        if not (1 <= w <= limit and 1 <= h <= limit):
+            raise FieldError("size", f"must be WIDTHxHEIGHT with each side in 1..{limit}")
         width, height = w, h
+    charge_jobs(request, caller, body.n)
+    reqs = []
+    for i in range(body.n):  # validate all n requests before creating any job
+        try:
+            req = JobRequest(
+                prompt=body.prompt,
+                negative_prompt=body.negative_prompt,
+                steps=body.steps,
+                guidance=body.guidance,
+                seed=None if body.seed is None else body.seed + i,
+                width=width,
+                height=height,
+                model=body.model,
+                cache=body.cache,
+            )
+        except ValidationError as e:
+            err = e.errors()[0]
+            name = str(err["loc"][0]) if err["loc"] else "body"
+            raise FieldError(_OPENAI_FIELD.get(name, name), f"{err['msg']} ({name})") from e
+        reqs.append(req)
     job_ids = []
-    for i in range(body.n):
-        req = JobRequest(
-            prompt=body.prompt,
-            negative_prompt=body.negative_prompt,
-            steps=body.steps,
-            guidance=body.guidance,
-            seed=None if body.seed is None else body.seed + i,
-            width=width,
-            height=height,
-            model=body.model,
-            cache=body.cache,
-        )
-        job, _ = await run_in_threadpool(svc.create_job, caller, req, None, base)
+    for req in reqs:
+        try:
+            job, _ = await run_in_threadpool(svc.create_job, caller, req, None, base)
+        except FieldError as e:
+            if e.field in _OPENAI_FIELD:  # the service names width/height; this API calls them size
+                raise FieldError(_OPENAI_FIELD[e.field], f"{e.field} {e.detail}") from e
+            raise
         job_ids.append(job.id)
     rows = await run_in_threadpool(svc.wait, caller, job_ids, svc.settings.openai_wait_s)
     pending = [r["id"] for r in rows if r["status"] != "done"]

@@ -9,7 +9,6 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from api.deps import Admin, Caller, Service
-from nirvana.cache.core import SHARED_TENANT
 from nirvana.service.errors import Forbidden
 from nirvana.service.liveness import live_workers
 
@@ -48,8 +47,12 @@ def readyz(request: Request, svc: Service) -> JSONResponse:
 
 
 @router.get("/metrics")
-def metrics(request: Request, caller: Caller) -> Response:
+def metrics(request: Request, svc: Service, caller: Caller) -> Response:
+    """Prometheus metrics of the whole deployment (any key; admin keys only with NIRVANA_METRICS_ADMIN_ONLY)."""
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    if svc.settings.metrics_admin_only and not caller.is_admin:
+        raise Forbidden("/metrics needs an admin key here (NIRVANA_METRICS_ADMIN_ONLY)")
 
     return Response(generate_latest(request.app.state.registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -60,7 +63,7 @@ async def cache_stats(request: Request, svc: Service, caller: Caller, all: bool 
     if all and not caller.is_admin:
         raise Forbidden("?all=true needs an admin key")
     cache = request.app.state.cache
-    tenant = None if all else (SHARED_TENANT if svc.settings.cache_shared_pool else caller.tenant)
+    tenant = None if all else await run_in_threadpool(svc.pools.cache_tenant, caller.tenant)
     stats = await run_in_threadpool(cache.stats, tenant)
     jobs = await run_in_threadpool(svc.store.tenant_summary, caller.tenant)
     done = max(jobs["done"], 1)

@@ -25,7 +25,10 @@ class ApiError(Exception):
 class Client:
     """``Client(base_url, api_key)``; thread-safe (one httpx connection pool)."""
 
-    def __init__(self, base_url: str, api_key: str | None = None, timeout_s: float = 60.0) -> None:
+    def __init__(
+        self, base_url: str, api_key: str | None = None, timeout_s: float = 60.0, rate_limit_retries: int = 5
+    ) -> None:
+        self.rate_limit_retries = rate_limit_retries
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.base_url = base_url.rstrip("/")
         self.http = httpx.Client(
@@ -44,6 +47,20 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _send(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        """One request; a 429 (the key's rate limit) is retried after its ``Retry-After`` (at most
+        ``rate_limit_retries`` times, each wait capped at 60 s)."""
+        for _ in range(self.rate_limit_retries):
+            r = self.http.request(method, url, **kwargs)
+            if r.status_code != 429:
+                return r
+            try:
+                wait = float(r.headers.get("Retry-After", "1"))
+            except ValueError:
+                wait = 1.0
+            time.sleep(min(max(wait, 0.1), 60.0))
+        return self.http.request(method, url, **kwargs)
+
     def _json(self, r: httpx.Response) -> Any:
         try:
             body = r.json()
@@ -58,19 +75,19 @@ class Client:
         """POST /v1/jobs with ``request`` fields (prompt, steps, seed, cache, ...)."""
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
         body = {k: v for k, v in request.items() if v is not None}
-        out: dict[str, Any] = self._json(self.http.post("/v1/jobs", json=body, headers=headers))
+        out: dict[str, Any] = self._json(self._send("POST", "/v1/jobs", json=body, headers=headers))
         return out
 
     def job(self, job_id: str) -> dict[str, Any]:
-        out: dict[str, Any] = self._json(self.http.get(f"/v1/jobs/{job_id}"))
+        out: dict[str, Any] = self._json(self._send("GET", f"/v1/jobs/{job_id}"))
         return out
 
     def cancel(self, job_id: str) -> dict[str, Any]:
-        out: dict[str, Any] = self._json(self.http.delete(f"/v1/jobs/{job_id}"))
+        out: dict[str, Any] = self._json(self._send("DELETE", f"/v1/jobs/{job_id}"))
         return out
 
     def image(self, job_id: str) -> bytes:
-        r = self.http.get(f"/v1/jobs/{job_id}/image")
+        r = self._send("GET", f"/v1/jobs/{job_id}/image")
         if r.status_code >= 400:
             self._json(r)
         return r.content
@@ -94,38 +111,38 @@ class Client:
 
     # ------------------------------------------------------------------ batches
     def submit_batch(self, jobs: list[dict[str, Any]]) -> dict[str, Any]:
-        out: dict[str, Any] = self._json(self.http.post("/v1/batches", json={"jobs": jobs}))
+        out: dict[str, Any] = self._json(self._send("POST", "/v1/batches", json={"jobs": jobs}))
         return out
 
     def submit_batch_jsonl(self, jsonl: str) -> dict[str, Any]:
         files = {"file": ("batch.jsonl", jsonl.encode(), "application/jsonl")}
-        out: dict[str, Any] = self._json(self.http.post("/v1/batches", files=files))
+        out: dict[str, Any] = self._json(self._send("POST", "/v1/batches", files=files))
         return out
 
     def batch(self, batch_id: str) -> dict[str, Any]:
-        out: dict[str, Any] = self._json(self.http.get(f"/v1/batches/{batch_id}"))
+        out: dict[str, Any] = self._json(self._send("GET", f"/v1/batches/{batch_id}"))
         return out
 
     def cancel_batch(self, batch_id: str) -> dict[str, Any]:
-        out: dict[str, Any] = self._json(self.http.delete(f"/v1/batches/{batch_id}"))
+        out: dict[str, Any] = self._json(self._send("DELETE", f"/v1/batches/{batch_id}"))
         return out
 
     # ------------------------------------------------------------------ misc
     def openai_generate(self, **body: Any) -> dict[str, Any]:
-        out: dict[str, Any] = self._json(self.http.post("/v1/images/generations", json=body, timeout=600))
+        out: dict[str, Any] = self._json(self._send("POST", "/v1/images/generations", json=body, timeout=600))
         return out
 
     def cache_stats(self) -> dict[str, Any]:
-        out: dict[str, Any] = self._json(self.http.get("/v1/cache/stats"))
+        out: dict[str, Any] = self._json(self._send("GET", "/v1/cache/stats"))
         return out
 
     def metrics(self) -> str:
-        r = self.http.get("/metrics")
+        r = self._send("GET", "/metrics")
         if r.status_code >= 400:
             self._json(r)
         return r.text
 
     def ready(self) -> dict[str, Any]:
-        r = self.http.get("/readyz")
+        r = self._send("GET", "/readyz")
         out: dict[str, Any] = r.json()
         return out

@@ -101,6 +101,39 @@ def keys_list(
             pg.stop()
 
 
+@keys_app.command("shared-pool")
+def keys_shared_pool(
+    tenant: Annotated[str | None, typer.Argument(help="the tenant (omit to list the tenants in the pool)")] = None,
+    on: Annotated[bool | None, typer.Option("--on/--off", help="join or leave the shared cache pool")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="embedded stack directory")] = None,
+) -> None:
+    """Opt a tenant into (--on) or out of (--off) the shared cache pool; without arguments, list its members.
+
+    Tenants are private by default: a tenant's jobs resume only from its own cached states. Jobs of tenants in
+    the shared pool resume from each other's states (docs/SECURITY.md: what that exposes)."""
+    from nirvana.service.errors import FieldError
+    from nirvana.service.jobs import make_pool
+    from nirvana.service.tenants import set_shared_pool, shared_pool_tenants
+
+    if tenant is not None and on is None:
+        _err("say --on or --off")
+    url, pg = _database_url(_data_dir(data_dir))
+    pool = make_pool(url, max_size=1, name="keys")
+    try:
+        if tenant is not None and on is not None:
+            set_shared_pool(pool, tenant, on)
+            typer.echo(f"{tenant}: {'shared pool' if on else 'private cache'} (jobs created from now on)")
+        else:
+            for t in shared_pool_tenants(pool):
+                typer.echo(t)
+    except FieldError as e:
+        _err(str(e))
+    finally:
+        pool.close()
+        if pg is not None:
+            pg.stop()
+
+
 @keys_app.command("revoke")
 def keys_revoke(
     key: Annotated[str, typer.Argument(help="the key or its 10-character prefix")],

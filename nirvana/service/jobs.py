@@ -80,6 +80,7 @@ class NewJob:
     idempotency_key: str | None = None
     batch_id: str | None = None
     batch_index: int | None = None
+    cache_tenant: str | None = None  # the cache namespace's tenant: this tenant, or the shared pool
 
 
 _INSERT_COLS = (
@@ -100,6 +101,7 @@ _INSERT_COLS = (
     "idempotency_key",
     "batch_id",
     "batch_index",
+    "cache_tenant",
 )
 
 

@@ -41,8 +41,15 @@ def hash_key(key: str) -> str:
 
 
 def _check_tenant(tenant: str) -> None:
-    if not tenant or len(tenant) > 200 or not all(c.isalnum() or c in "-_.@" for c in tenant):
-        raise FieldError("tenant", "must be 1-200 letters, digits or '-_.@'")
+    """1-200 ASCII letters, digits or ``-_.@``, not starting with ``__`` (reserved: ``__shared__`` is the
+    shared cache pool's namespace, so a tenant of that name would read it)."""
+    if (
+        not tenant
+        or len(tenant) > 200
+        or not all((c.isascii() and c.isalnum()) or c in "-_.@" for c in tenant)
+        or tenant.startswith("__")
+    ):
+        raise FieldError("tenant", "must be 1-200 ASCII letters, digits or '-_.@', not starting with '__'")
 
 
 def create_key(pool: Any, tenant: str, name: str = "", role: str = "user") -> str:

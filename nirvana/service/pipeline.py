@@ -39,7 +39,9 @@ def worker_name(role: str) -> str:
 
 
 def cache_request(job: dict[str, Any], shared_pool: bool) -> CacheRequest:
-    """The cache's view of a job row (namespace: the job's model_key × its tenant, or the shared pool)."""
+    """The cache's view of a job row (namespace: the job's model_key × the cache tenant chosen when the job was
+    created — its tenant, or the shared pool when the tenant opted in; ``shared_pool`` only for older rows)."""
+    ns_tenant = job.get("cache_tenant") or (SHARED_TENANT if shared_pool else job["tenant"])
     emb = job.get("embedding")
     return CacheRequest(
         prompt=job["prompt"],
@@ -49,7 +51,7 @@ def cache_request(job: dict[str, Any], shared_pool: bool) -> CacheRequest:
         guidance=float(job["guidance"]),
         width=int(job["width"]),
         height=int(job["height"]),
-        namespace=Namespace(job["model_key"], SHARED_TENANT if shared_pool else job["tenant"]),
+        namespace=Namespace(job["model_key"], ns_tenant),
         embedding=None if emb is None else np.frombuffer(bytes(emb), dtype=np.float32).copy(),
     )
 

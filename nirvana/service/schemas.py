@@ -7,9 +7,9 @@ same way: HTTP 422 naming the field.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 CacheMode = Literal["auto", "exact", "off"]
 JobStatus = Literal["queued", "routing", "routed", "rendering", "done", "failed", "cancelled"]
@@ -17,19 +17,33 @@ TERMINAL: frozenset[str] = frozenset({"done", "failed", "cancelled"})
 MAX_SEED = 2**63 - 1
 
 
+def _storable(v: str) -> str:
+    """Text Postgres can store: no NUL characters and no unpaired surrogates (JSON allows both)."""
+    if "\x00" in v:
+        raise ValueError(f"must not contain NUL characters (position {v.index(chr(0))})")
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"not valid Unicode (unpaired surrogate at position {e.start})") from e
+    return v
+
+
+Text = Annotated[str, AfterValidator(_storable)]
+
+
 class JobRequest(BaseModel):
     """One text-to-image request. Fields left out take the served model's defaults."""
 
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str = Field(min_length=1, max_length=100_000)
-    negative_prompt: str = Field("", max_length=100_000)
+    prompt: Text = Field(min_length=1, max_length=100_000)
+    negative_prompt: Text = Field("", max_length=100_000)
     steps: int | None = Field(None, ge=1, le=1000)
     guidance: float | None = Field(None, ge=0, le=100, allow_inf_nan=False)
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="assigned when absent, always echoed")
     width: int | None = Field(None, ge=1, le=16384)
     height: int | None = Field(None, ge=1, le=16384)
-    model: str | None = Field(None, max_length=200, description="a served model name (default: the first)")
+    model: Text | None = Field(None, max_length=200, description="a served model name (default: the first)")
     cache: CacheMode = "auto"
 
 
@@ -122,15 +136,15 @@ class OpenAIImageRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    prompt: str = Field(min_length=1, max_length=100_000)
-    model: str | None = Field(None, max_length=200)
+    prompt: Text = Field(min_length=1, max_length=100_000)
+    model: Text | None = Field(None, max_length=200)
     n: int = Field(1, ge=1, le=10)
     size: str | None = Field(None, pattern=r"^\d{1,5}x\d{1,5}$")
     response_format: Literal["b64_json", "url"] = "b64_json"
     user: str | None = None
     quality: str | None = None
     style: str | None = None
-    negative_prompt: str = Field("", max_length=100_000)
+    negative_prompt: Text = Field("", max_length=100_000)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     steps: int | None = Field(None, ge=1, le=1000)
     guidance: float | None = Field(None, ge=0, le=100, allow_inf_nan=False)

@@ -9,7 +9,7 @@ Invariants:
       so an idempotency key never points at a job nobody will run.
     * Tenants only ever see their own jobs and batches (another tenant's id is "not found").
     * Responses never contain another tenant's prompt text: the cache outcome names a source job only when it
-      is the caller's.
+      is the caller's, and a shared-pool job reports no similarity unless its source is the caller's own.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from nirvana.service.schemas import (
     JobRequest,
     JobTimings,
 )
+from nirvana.service.tenants import SHARED_TENANT, TenantPools
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,7 @@ class JobService:
         self.storage = storage
         self.registry = registry or ModelRegistry(store.pool, served_name(settings))
         self.keys = KeyVerifier(store.pool, ttl_s=settings.api_key_cache_s)
+        self.pools = TenantPools(store.pool, ttl_s=settings.api_key_cache_s, all_shared=settings.cache_shared_pool)
 
     # ------------------------------------------------------------------ validation
     def _new_job(
@@ -111,8 +113,8 @@ class JobService:
                     f"{model.name!r}",
                 )
         seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
-        if idempotency_key is not None and not 1 <= len(idempotency_key) <= 200:
-            raise FieldError("Idempotency-Key", "must be 1-200 characters")
+        if idempotency_key is not None and not (1 <= len(idempotency_key) <= 200 and idempotency_key.isprintable()):
+            raise FieldError("Idempotency-Key", "must be 1-200 printable characters")
         return J.NewJob(
             id=J.new_id(),
             tenant=p.tenant,
@@ -130,6 +132,7 @@ class JobService:
             request_hash=J.request_hash(req.model_dump(mode="json")),
             idempotency_key=idempotency_key,
             batch_index=batch_index,
+            cache_tenant=self.pools.cache_tenant(p.tenant),
         )
 
     # ------------------------------------------------------------------ jobs
@@ -247,6 +250,11 @@ class JobService:
         saved = None
         if r["status"] == "done" and r["steps_run"] is not None:
             saved = total - int(r["steps_run"])
+        similarity = None if r["similarity"] is None else round(float(r["similarity"]), 6)
+        if r.get("cache_tenant") == SHARED_TENANT and not r["source_job_id"]:
+            # In the shared pool the nearest cached prompt may be another tenant's: its exact cosine (reported even
+            # on a miss) would be an oracle for recovering that prompt by search (docs/SECURITY.md).
+            similarity = None
         return Job(
             id=r["id"],
             status=r["status"],
@@ -275,7 +283,7 @@ class JobService:
                 mode=r["cache_mode"],
                 tier=r["tier"],
                 k=r["k"],
-                similarity=None if r["similarity"] is None else round(float(r["similarity"]), 6),
+                similarity=similarity,
                 steps_saved=saved,
                 source_job_id=r["source_job_id"],
             ),
