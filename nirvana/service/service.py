@@ -88,6 +88,7 @@ class JobService:
         idempotency_key: str | None = None,
         prefix: str = "",
         batch_index: int | None = None,
+        cache_tenant: str | None = None,
     ) -> J.NewJob:
         s = self.settings
         if len(req.prompt) > s.max_prompt_chars:
@@ -132,7 +133,7 @@ class JobService:
             request_hash=J.request_hash(req.model_dump(mode="json")),
             idempotency_key=idempotency_key,
             batch_index=batch_index,
-            cache_tenant=self.pools.cache_tenant(p.tenant),
+            cache_tenant=cache_tenant or self.pools.cache_tenant(p.tenant),
         )
 
     # ------------------------------------------------------------------ jobs
@@ -191,7 +192,8 @@ class JobService:
             raise FieldError("jobs", "at least one job is required")
         if len(reqs) > limit:
             raise FieldError("jobs", f"at most {limit} jobs per batch (got {len(reqs)})")
-        new = [self._new_job(p, r, prefix=f"jobs[{i}].", batch_index=i) for i, r in enumerate(reqs)]
+        ns = self.pools.cache_tenant(p.tenant)  # one namespace for the whole batch
+        new = [self._new_job(p, r, prefix=f"jobs[{i}].", batch_index=i, cache_tenant=ns) for i, r in enumerate(reqs)]
         batch_id = self.store.create_batch(p.tenant, new)
         sent: list[str] = []
         try:
