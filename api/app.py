@@ -10,12 +10,16 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import psycopg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from nirvana.config import Settings, get_settings
 from nirvana.service.errors import ServiceError
+
+# Longest a request waits for a database connection before answering 503 (e.g. while Postgres restarts).
+DB_WAIT_S = 5.0
 
 
 def _field(loc: tuple[Any, ...] | list[Any]) -> str:
@@ -48,7 +52,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if not settings.database_url:
             raise RuntimeError("NIRVANA_DATABASE_URL must be set (or run `nirvana up`)")
         celery = make_celery(settings)
-        store = JobStore.connect(settings.database_url, max_size=16)
+        store = JobStore.connect(settings.database_url, max_size=16, timeout=DB_WAIT_S)
         storage = LatentStore.from_settings(settings)
         app.state.service = JobService(settings, store, CelerySender(celery), storage)
         app.state.cache = ApproximateCache.from_settings(settings)
@@ -85,6 +89,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if exc.status == 401:
             headers = {"WWW-Authenticate": "Bearer"}
         return JSONResponse({"error": err}, status_code=exc.status, headers=headers)
+
+    @app.exception_handler(psycopg.OperationalError)
+    async def _database_down(request: Request, exc: psycopg.OperationalError) -> JSONResponse:
+        # Postgres down or restarting (psycopg_pool.PoolTimeout is an OperationalError too): a 503 with the reason
+        # and Retry-After, never a 500; the pool reconnects by itself once the server is back.
+        msg = f"database unavailable ({type(exc).__name__}); retry later"
+        return JSONResponse(
+            {"error": {"type": "Unavailable", "message": msg}}, status_code=503, headers={"Retry-After": "1"}
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

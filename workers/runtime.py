@@ -7,11 +7,13 @@ fork: render workers use the solo pool (one process, the model loaded once in it
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Any
 
 from nirvana.config import Settings, get_settings
 
+log = logging.getLogger(__name__)
 _lock = threading.RLock()
 _state: dict[str, Any] = {}
 
@@ -84,6 +86,7 @@ def load_renderer() -> Any:
     from nirvana.cache.embedder import MiniLMEmbedder
     from nirvana.engine.engine import DiffusionEngine
     from nirvana.engine.loader import load_model
+    from nirvana.service import faults
     from nirvana.service.models import ServedModel, served_name
     from nirvana.service.pipeline import Renderer
 
@@ -98,7 +101,12 @@ def load_renderer() -> Any:
     shared = getattr(comps.encoder, "sentence_transformer", None)
     embedder = MiniLMEmbedder(model=shared) if shared is not None else MiniLMEmbedder()
     model = ServedModel.from_components(served_name(s), s.model, comps)
-    _state["renderer"] = Renderer(s, store(), cache(embedder), DiffusionEngine(comps), model, sender())
+    engine: Any = DiffusionEngine(comps)
+    hooks = faults.from_env()  # test-only fault injection; None unless NIRVANA_FAULT_INJECTION=1
+    if hooks is not None:
+        log.warning("FAULT INJECTION ENABLED (%s=1): test-only hooks active in this render worker", faults.ENABLE_ENV)
+        engine = hooks.wrap_engine(engine)
+    _state["renderer"] = Renderer(s, store(), cache(embedder), engine, model, sender(), fault_hook=hooks)
     return _state["renderer"]
 
 

@@ -45,8 +45,13 @@ def request_hash(body: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def make_pool(url: str, max_size: int = 8, name: str = "nirvana-jobs") -> Any:
-    """A psycopg pool of autocommit connections returning dict rows."""
+def make_pool(url: str, max_size: int = 8, name: str = "nirvana-jobs", timeout: float = 30.0) -> Any:
+    """A psycopg pool of autocommit connections returning dict rows.
+
+    Connections are checked when handed out, so after a database restart no caller gets a dead one; while the
+    database is down, a caller waits at most ``timeout`` seconds, then gets ``psycopg_pool.PoolTimeout`` (an
+    ``OperationalError``: the API answers 503).
+    """
     from psycopg_pool import ConnectionPool
 
     return ConnectionPool(
@@ -56,6 +61,8 @@ def make_pool(url: str, max_size: int = 8, name: str = "nirvana-jobs") -> Any:
         kwargs={"autocommit": True, "row_factory": dict_row},
         open=True,
         name=name,
+        timeout=timeout,
+        check=ConnectionPool.check_connection,
     )
 
 
@@ -112,8 +119,8 @@ class JobStore:
         self.pool = pool
 
     @classmethod
-    def connect(cls, url: str, max_size: int = 8) -> JobStore:
-        return cls(make_pool(url, max_size=max_size))
+    def connect(cls, url: str, max_size: int = 8, timeout: float = 30.0) -> JobStore:
+        return cls(make_pool(url, max_size=max_size, timeout=timeout))
 
     def close(self) -> None:
         self.pool.close()
@@ -243,8 +250,11 @@ class JobStore:
     def claim_route(self, job_id: str) -> dict[str, Any] | None:
         """queued|routing → routing (routing is re-entrant: a redelivered route task redoes a lookup, which
         writes nothing). None when the job is past routing or gone."""
+        # A route task that arrives proves the job was enqueued, even if the API failed to record it (database
+        # gone between the send and mark_enqueued): without this, an Idempotency-Key replay answered 409 forever.
         return self._one(
-            "UPDATE jobs SET status = 'routing', updated_at = clock_timestamp() "
+            "UPDATE jobs SET status = 'routing', updated_at = clock_timestamp(), "
+            "enqueued_at = coalesce(enqueued_at, clock_timestamp()) "
             "WHERE id = %s AND status IN ('queued', 'routing') RETURNING *",
             (job_id,),
         )

@@ -19,6 +19,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -172,6 +173,7 @@ class Renderer:
         model: ServedModel,
         sender: TaskSender,
         name: str | None = None,
+        fault_hook: Callable[[str, dict[str, Any]], None] | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -180,6 +182,9 @@ class Renderer:
         self.model = model
         self.sender = sender
         self.name = name or worker_name("render")
+        # Test-only fault injection (nirvana.service.faults; None unless NIRVANA_FAULT_INJECTION=1): called as
+        # fault_hook(point, job) at "step", "rendered" and "recorded".
+        self.fault_hook = fault_hook
 
     def _heartbeat(self, job_id: str, attempts: int, prog: _Progress) -> None:
         while not prog.stop.wait(self.settings.progress_interval_s):
@@ -210,8 +215,12 @@ class Renderer:
         beat = threading.Thread(target=self._heartbeat, args=(job_id, attempts, prog), daemon=True)
         beat.start()
 
+        hook = self.fault_hook
+
         def callback(i: int, n: int) -> None:
             prog.step = i
+            if hook is not None:
+                hook("step", job)
             if prog.cancelled.is_set():
                 raise GenerationCancelled(job_id)
 
@@ -228,10 +237,14 @@ class Renderer:
                 capture=[] if job["cache_mode"] == "off" else None,
                 callback=callback,
             )
+            if hook is not None:
+                hook("rendered", job)
             png = png_bytes(out.pil_images()[0])
             ref = self.cache.store.put_bytes(image_key(job["tenant"], job_id), png, "png")
             if job["cache_mode"] != "off":
                 self.cache.record(job_id, req, out.states[0], png, hit)
+            if hook is not None:
+                hook("recorded", job)
             ok = self.store.finish(job_id, attempts, ref.uri, len(png), out.start_step, out.steps_run, out.seconds)
             return "done" if ok else "skipped"
         except GenerationCancelled:

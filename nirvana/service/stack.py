@@ -212,6 +212,39 @@ class Stack:
         name = f"render-{n + 1}"
         return self._spawn(name, [sys.executable, "-m", "workers.render"], {"NIRVANA_WORKER_NAME": name})
 
+    # ------------------------------------------------------------------ outages (maintenance, fault tests)
+    def stop_postgres(self) -> None:
+        """Stop the embedded Postgres (fast shutdown) and keep its port, so ``start_postgres`` brings it back at
+        the same URL; the other processes keep running and reconnect by themselves."""
+        if self.pg is None or self.pg.port is None:
+            raise RuntimeError("postgres is not embedded in this stack (database_url was given)")
+        self.pg.requested_port = self.pg.port
+        self.pg.stop()
+
+    def start_postgres(self) -> None:
+        """Start the embedded Postgres again after ``stop_postgres`` (same data, same port)."""
+        if self.pg is None:
+            raise RuntimeError("postgres is not embedded in this stack (database_url was given)")
+        self.pg.start()
+
+    def stop_redis(self, sig: int = signal.SIGTERM) -> None:
+        """Stop the embedded Redis (SIGTERM: the AOF is flushed; SIGKILL: up to a second of writes is lost) and
+        keep its port for ``start_redis``."""
+        if self.redis is None:
+            raise RuntimeError("redis is not embedded in this stack (broker_url was given)")
+        self.redis.stop(10, sig=sig)
+
+    def start_redis(self) -> None:
+        """Start the embedded Redis again after ``stop_redis`` (same port; messages restored from the AOF)."""
+        if self.redis is None:
+            raise RuntimeError("redis is not embedded in this stack (broker_url was given)")
+        self.redis.start()
+        port = int(self.broker_url.rsplit(":", 1)[1].split("/", 1)[0])
+        try:
+            _wait_port("127.0.0.1", port, 20)
+        except TimeoutError as e:
+            raise RuntimeError(f"redis did not restart:\n{self.redis.tail()}") from e
+
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> Stack:
         """Start everything and wait until ready. Raises RuntimeError (with the failing part's log tail)."""
