@@ -76,11 +76,31 @@ def train_model_cmd(
     batch_size: Annotated[int, typer.Option(help="batch size")] = 64,
     seed: Annotated[int, typer.Option(help="seed")] = 0,
     threads: Annotated[int, typer.Option(help="torch CPU threads (0 = torch default)")] = 0,
+    lr: Annotated[float, typer.Option(help="peak learning rate")] = 5e-4,
+    init_from: Annotated[Path | None, typer.Option(help="fine-tune the UNet of this pipeline directory")] = None,
+    high_t_fraction: Annotated[float, typer.Option(help="share of timesteps drawn from [high-t-min, 1000)")] = 0.0,
+    high_t_min: Annotated[int, typer.Option(help="lower end of the high-noise timestep range")] = 400,
+    renders_per_scene: Annotated[int, typer.Option(help="renders per training scene")] = 16,
+    prompts_per_scene: Annotated[int, typer.Option(help="paraphrases per training scene")] = 8,
+    ema_decay: Annotated[float, typer.Option(help="EMA decay")] = 0.999,
 ) -> None:
-    """Train the bundled scene model from scratch (≈75 min on 2 cores, alone). Retrain rarely: weights live in git."""
+    """Train the bundled scene model (≈75 min on 2 cores, alone). Retrain rarely: weights live in git."""
     from nirvana.world.train import train_model
 
-    summary = train_model(out, steps=steps, batch_size=batch_size, seed=seed, threads=threads or None)
+    summary = train_model(
+        out,
+        steps=steps,
+        batch_size=batch_size,
+        seed=seed,
+        threads=threads or None,
+        lr=lr,
+        init_from=init_from,
+        high_t_fraction=high_t_fraction,
+        high_t_min=high_t_min,
+        renders_per_scene=renders_per_scene,
+        prompts_per_scene=prompts_per_scene,
+        ema_decay=ema_decay,
+    )
     typer.echo(json.dumps(summary))
 
 

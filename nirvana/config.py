@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     cache_ef_search: int = Field(100, ge=1, le=1000)
     cache_novelty_gate: bool = True
     cache_exact_tier: bool = True
+    cache_image_budget_fraction: float = Field(
+        0.1, ge=0, le=1, description="`ours`: share of the budget exact-tier images may keep when evicting"
+    )  # = nirvana.cache.eviction.DEFAULT_IMAGE_BUDGET_FRACTION (config imports nothing of the cache)
     cache_shared_pool: bool = False
 
     # Workers

@@ -84,6 +84,10 @@ def bench_trace_cmd(
         int, typer.Option(help="torch threads for MiniLM (0 = torch default; 1 on a busy or niced host)")
     ] = 0,
     image_bytes_per_pixel: Annotated[float, typer.Option(help="PNG bytes per pixel of an exact-tier image")] = 1.5,
+    image_budget_fraction: Annotated[
+        float | None,
+        typer.Option(help="share of the budget exact-tier images keep under ours (default: settings, 0.1)"),
+    ] = None,
     step_cost_s: Annotated[
         float | None, typer.Option(help="seconds per 512² step (default: measured from the trace)")
     ] = None,
@@ -135,6 +139,9 @@ def bench_trace_cmd(
             database_url=database_url or settings.database_url or None,
             cache_dir=cache_dir or Path(settings.data_dir) / "bench" / "trace-emb",
             image_bytes_per_pixel=image_bytes_per_pixel,
+            image_budget_fraction=(
+                image_budget_fraction if image_budget_fraction is not None else settings.cache_image_budget_fraction
+            ),
             step_cost_s=step_cost_s,
             jobs=jobs,
             checkpoint=ckpt,

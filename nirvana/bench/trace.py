@@ -45,6 +45,8 @@ from typing import Any
 
 import numpy as np
 
+from nirvana.cache.eviction import DEFAULT_IMAGE_BUDGET_FRACTION
+
 log = logging.getLogger(__name__)
 
 TRACE_COLUMNS = (
@@ -544,6 +546,9 @@ class PolicySpec:
         bounded: evict to the budget (False = unbounded ceiling).
         table: ``paper`` or a path to a similarity → K table.
         note: one line for the report.
+        image_budget_fraction: ``ours`` only: share of the budget exact-tier images keep when eviction runs
+            (None: no cap, images leave with their prompt); the default is the service's
+            (``NIRVANA_CACHE_IMAGE_BUDGET_FRACTION``).
     """
 
     name: str
@@ -556,6 +561,7 @@ class PolicySpec:
     bounded: bool = True
     table: str = "paper"
     note: str = ""
+    image_budget_fraction: float | None = DEFAULT_IMAGE_BUDGET_FRACTION
 
     def k_policy(self) -> Any:
         from nirvana.cache.policy import KPolicy
@@ -567,7 +573,7 @@ class PolicySpec:
 
         if self.eviction == "paper":
             return PaperLCBFU(admit_hits=self.admit_hits)
-        return make_policy(self.eviction, min_states_per_prompt=2)
+        return make_policy(self.eviction, min_states_per_prompt=2, image_budget_fraction=self.image_budget_fraction)
 
 
 def calibrated_table_path() -> Path:
@@ -576,13 +582,21 @@ def calibrated_table_path() -> Path:
     return policies_dir() / "calibrated-scenes-32.json"
 
 
-def default_specs(calibrated: Path | None = None) -> list[PolicySpec]:
-    """The compared configurations; ``ours_calibrated`` only when the calibrated table exists."""
+def default_specs(
+    calibrated: Path | None = None, image_budget_fraction: float | None = DEFAULT_IMAGE_BUDGET_FRACTION
+) -> list[PolicySpec]:
+    """The compared configurations; ``ours_calibrated`` only when the calibrated table exists.
+    ``image_budget_fraction`` is the image cap of ``ours`` and ``ours_calibrated`` (``ours_nocap`` has none)."""
+    cap = "no image cap" if image_budget_fraction is None else f"images <= {image_budget_fraction:g} of budget"
     specs = [
         PolicySpec("paper", "paper", admit_hits=False,
                    note="LCBFU, fp32, new entry only after a miss (the public re-implementation)"),
         PolicySpec("ours", "ours", codec="fp16-zstd", exact_tier=True, gate=True,
-                   note="k-weighted LRFU, floor 2/prompt, admission s>=0.99, fp16-zstd, exact tier (PNG), gate"),
+                   image_budget_fraction=image_budget_fraction,
+                   note=f"k-weighted LRFU, floor 2/prompt, admission s>=0.99, fp16-zstd, exact tier (PNG, {cap}), "
+                        "gate"),
+        PolicySpec("ours_nocap", "ours", codec="fp16-zstd", exact_tier=True, gate=True, image_budget_fraction=None,
+                   note="ours without the image cap (an image leaves only with its prompt's last state)"),
         PolicySpec("ours_noexact", "ours", codec="fp16-zstd", gate=True,
                    note="ours without the exact tier (no PNG stored)"),
         PolicySpec("lru", "lru", note="fp32, every generation recorded"),
@@ -598,6 +612,7 @@ def default_specs(calibrated: Path | None = None) -> list[PolicySpec]:
         specs.append(
             PolicySpec(
                 "ours_calibrated", "ours", codec="fp16-zstd", exact_tier=True, gate=True, table=str(cal),
+                image_budget_fraction=image_budget_fraction,
                 note=f"ours with {cal.name} (scene-world calibration: a different quality per hit)",
             )
         )  # fmt: skip
@@ -936,6 +951,7 @@ def run_trace_bench(
     image_bytes_per_pixel: float = DEFAULT_IMAGE_BYTES_PER_PIXEL,
     step_cost_s: float | None = None,
     calibrated: Path | None = None,
+    image_budget_fraction: float | None = DEFAULT_IMAGE_BUDGET_FRACTION,
     jobs: int = 1,
     verbose: bool = True,
     checkpoint: Path | None = None,
@@ -955,9 +971,11 @@ def run_trace_bench(
         raise ValueError("sweep budgets must be >= 1 prompt")
     if image_bytes_per_pixel < 0:
         raise ValueError("image_bytes_per_pixel must be >= 0")
+    if image_budget_fraction is not None and not 0.0 <= image_budget_fraction <= 1.0:
+        raise ValueError(f"image_budget_fraction must be in [0, 1], got {image_budget_fraction}")
     if not 1 <= jobs <= 16:
         raise ValueError(f"jobs must be in 1..16, got {jobs}")
-    all_specs = {s.name: s for s in default_specs(calibrated)}
+    all_specs = {s.name: s for s in default_specs(calibrated, image_budget_fraction)}
     notes: list[str] = []
     wanted = list(policies) if policies else list(all_specs)
     if "ours_calibrated" in wanted and "ours_calibrated" not in all_specs:
@@ -1087,6 +1105,7 @@ def run_trace_bench(
         "prompt_unit_bytes": unit,
         "codec_bytes": codec_sizes,
         "image_bytes_per_pixel": image_bytes_per_pixel,
+        "image_budget_fraction": image_budget_fraction,
         "image_bytes_512": sizes.image_bytes(TraceRequest(0, "", "", "x", 0, 7.0, 50, 512, 512, 1, "", None)),
         "step_cost_s_512": round(cost, 4),
         "step_cost_source": cost_source,

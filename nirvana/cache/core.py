@@ -33,7 +33,7 @@ from typing import Any, Literal
 import numpy as np
 
 from nirvana.cache.embedder import Embedder, MiniLMEmbedder, normalize
-from nirvana.cache.eviction import EvictionPolicy, make_policy
+from nirvana.cache.eviction import DEFAULT_IMAGE_BUDGET_FRACTION, EvictionPolicy, make_policy
 from nirvana.cache.gate import GateModel, NoveltyGate
 from nirvana.cache.index import CacheIndex, NewImage, NewPrompt, NewState, Space, configure_connection
 from nirvana.cache.policy import KPolicy
@@ -142,6 +142,9 @@ class ApproximateCache:
         budget_bytes: stored bytes (states + images) that ``evict_to_budget`` enforces.
         min_states_per_prompt: floor per prompt for ``ours`` (ignored by the others, and when ``eviction`` is
             an instance).
+        image_budget_fraction: share of ``budget_bytes`` the exact tier's images may keep when eviction runs
+            (``ours`` only: images beyond it go first, least recently used; None: no cap; ignored when
+            ``eviction`` is an instance).
         codec: codec for new states.
         ef_search: HNSW candidate list size per query.
         exact_tier: serve identical requests from the stored final image.
@@ -175,6 +178,7 @@ class ApproximateCache:
         max_prompt_chars: int = 1000,
         half_life_s: float = 6 * 3600.0,
         pool_size: int = 4,
+        image_budget_fraction: float | None = DEFAULT_IMAGE_BUDGET_FRACTION,
     ) -> None:
         from nirvana.cache.store import CODECS
 
@@ -210,7 +214,12 @@ class ApproximateCache:
         self.eviction = (
             eviction
             if isinstance(eviction, EvictionPolicy)
-            else make_policy(eviction, min_states_per_prompt=min_states_per_prompt, half_life_s=half_life_s)
+            else make_policy(
+                eviction,
+                min_states_per_prompt=min_states_per_prompt,
+                half_life_s=half_life_s,
+                image_budget_fraction=image_budget_fraction,
+            )
         )
         self.gate = gate
         self.budget_bytes = budget_bytes
@@ -237,6 +246,7 @@ class ApproximateCache:
             "gate": NoveltyGate() if settings.cache_novelty_gate else None,
             "budget_bytes": settings.cache_budget_bytes,
             "min_states_per_prompt": settings.cache_min_states_per_prompt,
+            "image_budget_fraction": settings.cache_image_budget_fraction,
             "codec": settings.cache_codec,
             "ef_search": settings.cache_ef_search,
             "exact_tier": settings.cache_exact_tier,

@@ -18,9 +18,19 @@ Policies (ascending key = evicted first):
       ``min_states_per_prompt`` states per prompt — the ones with most decayed uses, ties to the smaller k,
       usable by more neighbours — while any unprotected state is left; past that whole prompts go, lowest
       best-state key first. Admission: an approximate hit at similarity ≥ ``dedup_similarity`` adds no new
-      entry (its source already serves that neighbourhood; the hit refreshes it).
+      entry (its source already serves that neighbourhood; the hit refreshes it). Exact-tier images are capped
+      at ``image_budget_fraction`` of the byte budget (see below).
     * ``lru``: (last_used_ts); ``lfu``: (hits, last_used_ts); ``fifo``: (created_ts).
 All keys end with the state id, so orders are total and deterministic.
+
+Exact-tier images (``ours`` only): a final PNG is ~13× an fp16-zstd state at 512² yet serves only exact repeats
+(~0.6 % of the trace's requests against ~37 % approximate hits), and without a cap it left only with its
+prompt's last state, which the floor protects. So when eviction runs (stored bytes over the budget), ``ours``
+first drops images, least recently used first (``ImageMeta.used_ts``: stored or last exact hit), until the
+images hold at most ``image_budget_fraction`` × the budget (``evict_images``; phase 0 of the SQL twin). The
+prompt and its states stay; its exact lookups become misses (or approximate hits). The other policies keep
+images with their prompts (``image_budget_fraction`` is None): the benchmark's ``exact`` configuration (FIFO,
+images only) must be able to fill the budget with images.
 """
 
 from __future__ import annotations
@@ -33,6 +43,8 @@ from typing import Any, ClassVar
 
 LN2 = math.log(2.0)
 _TINY = 1e-300
+# Share of the byte budget the exact tier's images may keep under ``ours`` (NIRVANA_CACHE_IMAGE_BUDGET_FRACTION).
+DEFAULT_IMAGE_BUDGET_FRACTION = 0.1
 
 
 @dataclass
@@ -50,6 +62,15 @@ class StateMeta:
     last_used_ts: float = 0.0
 
 
+@dataclass
+class ImageMeta:
+    """An exact-tier image: its prompt, the bytes dropping it frees, and when it was stored or last served."""
+
+    prompt_id: int
+    bytes: int = 0
+    used_ts: float = 0.0
+
+
 class EvictionPolicy:
     """Base: shared counter updates; subclasses define the key (and optionally admission and a floor).
 
@@ -57,16 +78,20 @@ class EvictionPolicy:
         half_life_s: half-life of the decayed use count (seconds of the cache's clock).
         insert_credit: uses credited to a new state (``ours`` needs > 0 so new states can outrank stale ones).
         min_states_per_prompt: per-prompt floor honoured while unprotected states remain (``ours`` only).
+        image_budget_fraction: share of the budget exact-tier images may keep when eviction runs, in [0, 1]
+            (``ours`` only; None: no cap, an image goes with its prompt).
     """
 
     name: ClassVar[str] = "base"
     uses_floor: ClassVar[bool] = False
+    uses_image_cap: ClassVar[bool] = False
 
     def __init__(
         self,
         half_life_s: float = 6 * 3600.0,
         insert_credit: float = 1.0,
         min_states_per_prompt: int = 0,
+        image_budget_fraction: float | None = None,
     ) -> None:
         if not half_life_s > 0:
             raise ValueError(f"half_life_s must be > 0, got {half_life_s}")
@@ -77,11 +102,15 @@ class EvictionPolicy:
         self.half_life_s = float(half_life_s)
         self.insert_credit = float(insert_credit)
         self.min_states_per_prompt = min_states_per_prompt if self.uses_floor else 0
+        if image_budget_fraction is not None and not 0.0 <= image_budget_fraction <= 1.0:
+            raise ValueError(f"image_budget_fraction must be in [0, 1], got {image_budget_fraction}")
+        self.image_budget_fraction = image_budget_fraction if self.uses_image_cap else None
 
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(half_life_s={self.half_life_s}, insert_credit={self.insert_credit}, "
-            f"min_states_per_prompt={self.min_states_per_prompt})"
+            f"min_states_per_prompt={self.min_states_per_prompt}, "
+            f"image_budget_fraction={self.image_budget_fraction})"
         )
 
     # ------------------------------------------------------------------ counters
@@ -131,6 +160,44 @@ class EvictionPolicy:
     def admit(self, similarity: float | None, hit_tier: str | None) -> bool:
         """Whether a served generation becomes a new cache entry (exact hits never do)."""
         return hit_tier != "exact"
+
+    # ------------------------------------------------------------------ images (phase 0)
+    def image_cap(self, budget_bytes: int) -> int | None:
+        """Bytes the exact tier's images may keep when eviction runs (None: no cap)."""
+        if self.image_budget_fraction is None:
+            return None
+        return int(self.image_budget_fraction * budget_bytes)
+
+    @staticmethod
+    def image_key(img: ImageMeta) -> tuple[float, int]:
+        """Ascending order in which images are dropped: least recently stored or served first."""
+        return (img.used_ts, img.prompt_id)
+
+    @staticmethod
+    def sql_image_key_terms() -> list[str]:
+        """SQL over ``cache_prompts p`` matching :meth:`image_key` (rows written before migration 0002 have no
+        ``image_used_ts``: their creation time stands in)."""
+        return ["coalesce(p.image_used_ts, p.created_ts)", "p.id"]
+
+    def evict_images(self, images: Iterable[ImageMeta], budget_bytes: int) -> list[int]:
+        """Prompt ids whose images go (in order) so that the rest fit the cap; [] without a cap.
+
+        The caller runs this only when stored bytes exceed ``budget_bytes`` (as ``CacheIndex.evict_to_budget``
+        does); states are then evicted by :meth:`evict_candidates` as usual.
+        """
+        cap = self.image_cap(budget_bytes)
+        if cap is None:
+            return []
+        items = sorted(images, key=self.image_key)
+        excess = sum(i.bytes for i in items) - cap
+        out: list[int] = []
+        freed = 0
+        for img in items:
+            if freed >= excess:
+                break
+            out.append(img.prompt_id)
+            freed += img.bytes
+        return out
 
     # ------------------------------------------------------------------ in-memory eviction
     def evict_candidates(self, metas: Iterable[StateMeta], bytes_to_free: int, now: float) -> list[int]:
@@ -203,14 +270,17 @@ class PaperLCBFU(EvictionPolicy):
 
 
 class OursPolicy(EvictionPolicy):
-    """k × exponentially decayed uses (put counts as a use), per-prompt floor, near-duplicate admission rule.
+    """k × exponentially decayed uses (put counts as a use), per-prompt floor, near-duplicate admission rule,
+    exact-tier images capped at a share of the budget.
 
     Args:
         dedup_similarity: an approximate hit at or above this similarity is not admitted as a new entry.
+        image_budget_fraction: images keep at most this share of the budget when eviction runs (None: no cap).
     """
 
     name = "ours"
     uses_floor = True
+    uses_image_cap = True
 
     def __init__(
         self,
@@ -218,8 +288,9 @@ class OursPolicy(EvictionPolicy):
         insert_credit: float = 1.0,
         min_states_per_prompt: int = 2,
         dedup_similarity: float = 0.99,
+        image_budget_fraction: float | None = DEFAULT_IMAGE_BUDGET_FRACTION,
     ) -> None:
-        super().__init__(half_life_s, insert_credit, min_states_per_prompt)
+        super().__init__(half_life_s, insert_credit, min_states_per_prompt, image_budget_fraction)
         if not 0.0 < dedup_similarity <= 1.0001:
             raise ValueError(f"dedup_similarity must be in (0, 1], got {dedup_similarity}")
         self.dedup_similarity = dedup_similarity
@@ -284,7 +355,8 @@ POLICIES: dict[str, type[EvictionPolicy]] = {
 def make_policy(name: str, **kwargs: Any) -> EvictionPolicy:
     """Policy by name (``ours``, ``paper``, ``lru``, ``lfu``, ``fifo``); ``kwargs`` go to its constructor.
 
-    ``min_states_per_prompt`` is accepted by all and ignored except by ``ours``.
+    ``min_states_per_prompt`` and ``image_budget_fraction`` are accepted by all and ignored except by ``ours``
+    (an out-of-range fraction is an error for all).
     """
     try:
         cls = POLICIES[name]

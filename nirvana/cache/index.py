@@ -342,10 +342,12 @@ class CacheIndex:
                 if tier == "approximate" and hit_state_id is not None:
                     out["hit_counted"] = self.count_hit(conn, hit_state_id, now, policy.half_life_s)
                 if source_prompt_id is not None and tier in ("approximate", "exact"):
+                    exact = tier == "exact"
                     conn.execute(
                         "UPDATE cache_prompts SET last_used_ts = greatest(last_used_ts, %s), "
-                        "exact_hits = exact_hits + %s WHERE id = %s",
-                        (now, 1 if tier == "exact" else 0, source_prompt_id),
+                        "exact_hits = exact_hits + %s, image_used_ts = CASE WHEN %s AND image_blob_id IS NOT NULL "
+                        "THEN greatest(image_used_ts, %s) ELSE image_used_ts END WHERE id = %s",
+                        (now, 1 if exact else 0, exact, now, source_prompt_id),
                     )
             return out
 
@@ -375,9 +377,9 @@ class CacheIndex:
             "negative_prompt, "
             "seed, steps, guidance, width, height, exact_key, image_blob_id, job_id, source_prompt_id, "
             "hit_k, "
-            "created_ts, last_used_ts) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, "
-            "%s, %s, "
-            "%s, %s) RETURNING id",
+            "created_ts, last_used_ts, image_used_ts) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, "
+            "%s, %s, %s, %s, "
+            "%s, %s, %s) RETURNING id",
             (
                 space.model_key,
                 space.tenant,
@@ -398,6 +400,7 @@ class CacheIndex:
                 hit_k or None,
                 now,
                 now,
+                now if image_blob_id is not None else None,
             ),
         ).fetchone()
         assert row is not None
@@ -498,12 +501,27 @@ class CacheIndex:
     ) -> dict[str, Any]:
         """Evict in ``policy`` order until stored bytes (states + images) ≤ ``budget_bytes``.
 
-        Each batch is one transaction holding the eviction advisory lock. Returns counts, bytes freed and the
-        URIs whose rows are gone (the caller deletes those objects after this returns).
+        Nothing happens while stored bytes ≤ ``budget_bytes``. Otherwise, phase 0 (policies with an image cap:
+        ``ours``): images go, least recently stored/served first, until they hold ≤ ``policy.image_cap(budget)``
+        (even if that frees more than the overflow; the same set as ``policy.evict_images``) — the prompt's
+        image reference is set NULL (prompt and states stay; a prompt left with neither goes), then the blob
+        row. Phase 1: states in policy order above each prompt's floor. Phase 2: whole prompts. Each batch is
+        one transaction holding the eviction advisory lock.
+        Returns counts (``images``: images dropped in phase 0), bytes freed and the URIs whose rows are gone
+        (the caller deletes those objects after this returns).
         """
         if budget_bytes < 0:
             raise ValueError(f"budget_bytes must be >= 0, got {budget_bytes}")
         res: dict[str, Any] = {"states": 0, "prompts": 0, "blobs": 0, "bytes": 0, "uris": [], "phase2": 0}
+        res["images"] = 0
+        image_cap = policy.image_cap(budget_bytes)
+        i0, i1 = policy.sql_image_key_terms()
+        images = "FROM cache_prompts p JOIN cache_blobs b ON b.id = p.image_blob_id"
+        phase0 = (
+            f"WITH c AS (SELECT p.id, p.image_blob_id, b.bytes, row_number() OVER (ORDER BY {i0} ASC, {i1} ASC) "
+            f"AS ord {images}), d AS (SELECT id, image_blob_id, bytes, ord, sum(bytes) OVER (ORDER BY ord) AS cum "
+            "FROM c) SELECT id, image_blob_id FROM d WHERE cum - bytes < %(excess)s ORDER BY ord LIMIT %(batch)s"
+        )
         params = {"now": now, "half_life": policy.half_life_s}
         order = ", ".join(f"{t} ASC" for t in policy.sql_key_terms())
         floor = policy.min_states_per_prompt
@@ -532,16 +550,38 @@ class CacheIndex:
             "SELECT id FROM d WHERE cum - freed < %(overflow)s ORDER BY ord LIMIT %(batch)s"
         )
 
+        evicting = [False]  # stored bytes exceeded the budget during this call
+
         def step() -> bool:
             with self.connection() as conn, conn.transaction():
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (EVICT_LOCK_KEY,))
                 r = conn.execute("SELECT coalesce(sum(bytes), 0) FROM cache_blobs").fetchone()
                 overflow = int(r[0]) - budget_bytes if r else 0
-                if overflow <= 0:
+                if overflow > 0:
+                    evicting[0] = True
+                elif not evicting[0]:
+                    return False
+                drop: list[Any] = []
+                if image_cap is not None:  # phase 0, to the cap once eviction started (whatever the batch size)
+                    r = conn.execute(f"SELECT coalesce(sum(b.bytes), 0) {images}").fetchone()
+                    excess = (int(r[0]) if r else 0) - image_cap
+                    if excess > 0:
+                        drop = conn.execute(phase0, {"excess": excess, "batch": batch}).fetchall()
+                if not drop and overflow <= 0:
                     return False
                 p = {**params, "overflow": overflow, "batch": batch, "floor": floor}
-                ids = [int(x[0]) for x in conn.execute(phase1, p)]  # type: ignore[call-overload]
-                if ids:
+                ids = [] if drop else [int(x[0]) for x in conn.execute(phase1, p)]  # type: ignore[call-overload]
+                if drop:
+                    pids = sorted(int(d[0]) for d in drop)
+                    blob_ids = {int(d[1]) for d in drop}
+                    conn.execute("UPDATE cache_prompts SET image_blob_id = NULL WHERE id = ANY(%s)", (pids,))
+                    dead = conn.execute(
+                        "DELETE FROM cache_prompts p WHERE p.id = ANY(%s) AND NOT EXISTS "
+                        "(SELECT 1 FROM cache_states s WHERE s.prompt_id = p.id) RETURNING image_blob_id",
+                        (pids,),
+                    ).fetchall()
+                    res["images"] += len(drop)
+                elif ids:
                     gone = conn.execute(
                         "DELETE FROM cache_states WHERE id = ANY(%s) RETURNING prompt_id, blob_id", (ids,)
                     ).fetchall()
