@@ -111,7 +111,7 @@ def _http_error_message(request: Request, exc: StarletteHTTPException) -> tuple[
         detail = str(exc.detail)
         if "parsing the body" in detail:
             return "bad_request", f"body: could not be parsed ({type(cause).__name__ if cause else 'invalid'})", "body"
-        return "bad_request", detail, "body"
+        return "bad_request", f"body: {detail}", "body"
     return "http_error", str(exc.detail), None
 
 

@@ -31,28 +31,41 @@ PUBLIC_DOCS = {"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
 SECRET = "zebra-on-a-unicycle-7d3f"  # a prompt only bob ever sends
 
 
-def _routes(app: Any) -> list[tuple[str, str]]:
-    """(method, concrete path) for every route; path parameters get a well-formed id nobody owns."""
+def _flat(routes: list[Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """(full path, route) of every route, descending into included routers (FastAPI keeps them as nodes)."""
+    out: list[tuple[str, Any]] = []
+    for r in routes:
+        inner = getattr(r, "original_router", None)
+        if inner is not None:
+            ctx_prefix = getattr(getattr(r, "include_context", None), "prefix", "") or ""
+            out += _flat(inner.routes, prefix + ctx_prefix)
+        else:
+            out.append((prefix + r.path, r))
+    return out
+
+
+def _routes(app: Any) -> list[tuple[str, str, str]]:
+    """(method, template, concrete path) for every route; path parameters get a well-formed id nobody owns."""
     out = []
-    for r in app.routes:
+    for template, r in _flat(app.routes):
         methods = sorted(getattr(r, "methods", None) or [])
-        path = re.sub(r"\{[^}]+\}", "0123456789abcdef0123456789abcdef", r.path)
-        out += [(m, path) for m in methods if m != "HEAD"]
+        path = re.sub(r"\{[^}]+\}", "0123456789abcdef0123456789abcdef", template)
+        out += [(m, template, path) for m in methods if m != "HEAD"]
     return out
 
 
 def test_every_endpoint_but_health_needs_a_key(api: Any, make_key: Callable[..., str], db_pool: Any) -> None:
     app = api.app
-    api_paths = {r.path for r in app.routes if isinstance(r, APIRoute)}
-    other_paths = {r.path for r in app.routes if not isinstance(r, APIRoute)}
+    routes = _flat(app.routes)
+    api_paths = {p for p, r in routes if isinstance(r, APIRoute)}
+    other_paths = {p for p, r in routes if not isinstance(r, APIRoute)}
     assert other_paths <= PUBLIC_DOCS, other_paths - PUBLIC_DOCS  # no non-API route slips in unguarded
     revoked = make_key("rita")
     from nirvana.service.keys import revoke_key
 
     assert revoke_key(db_pool, revoked) == 1
     checked = 0
-    for method, path in _routes(app):
-        template = next((r.path for r in app.routes if re.fullmatch(re.sub(r"\{[^}]+\}", "[^/]+", r.path), path)), "")
+    for method, template, path in _routes(app):
         if path in PUBLIC_DOCS:
             assert api.request(method, path).status_code == 200
             continue
@@ -192,10 +205,11 @@ def test_tenants_never_share_states_unless_both_opted_in(
     set_shared_pool(db_pool, "ivy", True)
     set_shared_pool(db_pool, "jack", True)
     rng = np.random.default_rng(7)
-    emb = rng.normal(size=384).astype(np.float32)
-    emb /= np.linalg.norm(emb)
+    # one random direction per owner (nearly orthogonal in 384-d: each owner's probes match only its entry)
+    embs = {t: rng.normal(size=384).astype(np.float32) for t in ("gail", "ivy", "jack")}
+    embs = {t: e / np.linalg.norm(e) for t, e in embs.items()}
 
-    def req(tenant: str, seed: int) -> tuple[dict[str, Any], Any]:
+    def req(tenant: str, seed: int, emb: np.ndarray) -> tuple[dict[str, Any], Any]:
         row = _job_row(api, keys[tenant], f"{tenant}'s private scene", seed, db_pool)
         r = cache_request(row, shared_pool=False)
         r.embedding = emb
@@ -203,11 +217,11 @@ def test_tenants_never_share_states_unless_both_opted_in(
 
     outcome: dict[tuple[str, str], str] = {}
     for owner in ("gail", "ivy"):
-        row, r = req(owner, seed=1)
+        row, r = req(owner, 1, embs[owner])
         assert row["cache_tenant"] == (SHARED_TENANT if owner == "ivy" else owner)
         cache.record(row["id"], r, states(r.namespace.model_key, [5, 10, 15, 20, 25]), b"png", None)
         for reader in ("gail", "hank", "ivy", "jack"):
-            _, q = req(reader, seed=2)
+            _, q = req(reader, 2, embs[owner])
             outcome[(owner, reader)] = cache.lookup(q).tier
     assert outcome == {
         ("gail", "gail"): "approximate",  # a tenant reuses its own states
@@ -229,7 +243,7 @@ def test_tenants_never_share_states_unless_both_opted_in(
     assert router._source_job(pid, "ivy") is not None
     # opting out takes effect for jobs created afterwards
     set_shared_pool(db_pool, "jack", False)
-    row, q = req("jack", seed=3)
+    row, q = req("jack", 3, embs["ivy"])
     assert row["cache_tenant"] == "jack" and cache.lookup(q).tier == "miss"
 
 

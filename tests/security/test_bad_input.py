@@ -35,8 +35,8 @@ def error(r: Any, status: int, field: str | None = None, *needles: str) -> dict[
     return err
 
 
-def post_job(api: Any, key: str, body: Any, **kw: Any) -> Any:
-    return api.post("/v1/jobs", json=body, headers=auth(key), **kw)
+def post_job(api: Any, key: str, body: Any, headers: dict[str, str] | None = None) -> Any:
+    return api.post("/v1/jobs", json=body, headers={**auth(key), **(headers or {})})
 
 
 # ---------------------------------------------------------------------- body size and encoding
@@ -182,7 +182,7 @@ def test_unknown_field_and_bad_ids_and_headers(api: Any, key: str) -> None:
     error(api.get("/v1/jobs/" + "a" * 65, headers=auth(key)), 422, "job_id")
     error(api.get("/v1/jobs/a%00b", headers=auth(key)), 422, "job_id")
     error(api.get("/v1/batches/a b", headers=auth(key)), 422, "batch_id")
-    r = post_job(api, key, {"prompt": "x"}, headers={**auth(key), "Idempotency-Key": "k" * 201})
+    r = post_job(api, key, {"prompt": "x"}, headers={"Idempotency-Key": "k" * 201})
     error(r, 422, "Idempotency-Key", "200")
     error(api.get("/v1/cache/stats?all=maybe", headers=auth(key)), 422, "all")
 
