@@ -1,0 +1,174 @@
+"""Storage faults: missing, truncated and bit-flipped latents and images. Every fault is detected (checksums;
+an unreadable object is a miss) and the job falls back to full generation and succeeds.
+
+* Library level (``ApproximateCache`` on the session's real Postgres and a file store): each trial seeds an
+  entry, looks up the job that will resume from it, injects one fault into exactly the object that lookup chose,
+  then runs the render worker's cache path (load → fall back → generate → record).
+* Stack level: the same kinds through the real services (router, render worker, file store), smaller in number.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from nirvana.cache.core import ApproximateCache, CacheRequest, LookupResult, Namespace
+from nirvana.cache.store import LatentStore
+from tests.cache.helpers import at_similarity, make_cache, request, states, unit
+
+pytestmark = [pytest.mark.faults, pytest.mark.timeout(1800)]
+
+KS = [5, 10, 15, 20, 25]
+CORRUPTIONS = ("missing", "truncated", "bitflip")
+KINDS = tuple(f"{obj}-{c}" for obj in ("state", "image") for c in CORRUPTIONS)
+
+
+def _corrupt(store: LatentStore, uri: str, kind: str, rng: np.random.Generator) -> None:
+    """Inject one fault into the object at ``uri``: delete it, truncate it, or flip one bit."""
+    fs, path = store._fs_path(uri)
+    if kind.endswith("missing"):
+        fs.rm_file(path)
+        return
+    data = bytearray(fs.cat_file(path))
+    if kind.endswith("truncated"):
+        data = data[: int(rng.integers(0, len(data)))]
+    else:
+        i = int(rng.integers(len(data)))
+        data[i] ^= 1 << int(rng.integers(8))
+    fs.pipe_file(path, bytes(data))
+
+
+def _png(job: str) -> bytes:
+    return b"\x89PNG\r\n\x1a\n" + job.encode()
+
+
+def _seed(cache: ApproximateCache, ns: Namespace, emb: np.ndarray, prompt: str) -> CacheRequest:
+    """A full generation recorded in the cache (states at KS and its image); returns its request."""
+    req = request(emb, ns, prompt=prompt, seed=1)
+    job = f"src-{uuid.uuid4().hex}"
+    assert cache.record(job, req, states(ns.model_key, KS, seed=len(prompt)), _png(job), cache.lookup(req))["recorded"]
+    return req
+
+
+def _job_request(kind: str, src: CacheRequest, ns: Namespace, rng: np.random.Generator) -> CacheRequest:
+    """The job that will read the faulty object: an exact repeat (image kinds) or a near prompt (state kinds)."""
+    if kind.startswith("image"):
+        return src
+    assert src.embedding is not None
+    return request(at_similarity(src.embedding, 0.97, rng), ns, prompt=f"{src.prompt}, variant", seed=2)
+
+
+def _target(cache: ApproximateCache, kind: str, hit: LookupResult) -> str:
+    """The URI of the object the job will read."""
+    if kind.startswith("image"):
+        assert hit.tier == "exact" and hit.image_blob_id is not None, hit
+        ref = cache.index.image_blob(hit.image_blob_id)
+        assert ref is not None and ref[0] is not None
+        return ref[0]
+    assert hit.tier == "approximate" and hit.state_id is not None, hit
+    row = cache.index.state_row(hit.state_id)
+    assert row is not None and row.uri is not None
+    return row.uri
+
+
+def _load(cache: ApproximateCache, hit: LookupResult) -> Any:
+    return cache.load_image(hit) if hit.tier == "exact" else cache.load_state(hit)
+
+
+def _finish(cache: ApproximateCache, job: str, req: CacheRequest) -> None:
+    """What the render worker does after a failed read: full generation (all steps captured) and the record."""
+    out = cache.record(job, req, states(req.namespace.model_key, KS, seed=7), _png(job), None)
+    assert out["recorded"] and out["states"] == len(KS), out
+
+
+def test_storage_faults_library_level_every_job_succeeds(new_database: Any, tmp_path: Path, scale: Any) -> None:
+    n = scale.storage_faults
+    rng = np.random.default_rng(7)
+    cache = make_cache(new_database(), LatentStore(str(tmp_path / "blobs")), budget_bytes=10**12)
+    ns = Namespace("faults-lib-32x32-ddim", "storage")
+    injected: Counter[str] = Counter()
+    detected: Counter[str] = Counter()
+    failed: list[str] = []
+    try:
+        for i in range(n):
+            kind = KINDS[i % len(KINDS)]
+            src = _seed(cache, ns, unit(rng), f"scene {i}")
+            req = _job_request(kind, src, ns, rng)
+            hit = cache.lookup(req)
+            uri = _target(cache, kind, hit)
+            _corrupt(cache.store, uri, kind, rng)
+            injected[kind] += 1
+            job = f"job-{i}"
+            try:
+                if _load(cache, hit) is None:
+                    detected[kind] += 1
+                    # The faulty object's rows are dropped: the next lookup does not pick it again.
+                    again = cache.lookup(req)
+                    assert not (again.tier == hit.tier and again.state_id == hit.state_id
+                                and again.image_blob_id == hit.image_blob_id), again  # fmt: skip
+                _finish(cache, job, req)
+            except Exception as e:  # a failed job
+                failed.append(f"{kind}: {type(e).__name__}: {e}")
+    finally:
+        cache.close()
+    print(f"\nstorage faults (library, file store): {sum(injected.values())} injected {dict(injected)}, "
+          f"{sum(detected.values())} detected, {len(failed)} failed jobs")  # fmt: skip
+    assert failed == []
+    assert detected == injected
+    assert sum(injected.values()) == n
+
+
+# ---------------------------------------------------------------------- through the real stack
+SRC = "a large yellow diamond on a gray background"
+
+
+def _blob_paths(fs: Any, job_id: str, kind: str) -> list[Path]:
+    if kind.startswith("state"):
+        rows = fs.sql(
+            "SELECT b.uri FROM cache_states s JOIN cache_blobs b ON b.id = s.blob_id "
+            "JOIN cache_prompts p ON p.id = s.prompt_id WHERE p.job_id = %s AND NOT s.borrowed",
+            (job_id,),
+        )
+    else:
+        rows = fs.sql(
+            "SELECT b.uri FROM cache_prompts p JOIN cache_blobs b ON b.id = p.image_blob_id WHERE p.job_id = %s",
+            (job_id,),
+        )
+    return [Path(r["uri"].removeprefix("file://")) for r in rows]
+
+
+def test_storage_faults_through_the_stack(fault_stack: Any, client_of: Any) -> None:
+    fs = fault_stack
+    store = LatentStore(fs.stack.storage_url)
+    rng = np.random.default_rng(3)
+    clients = {kind: client_of(f"storage-{kind}") for kind in KINDS}
+    # One tenant per kind: namespaces are per tenant, so each job can only resume from its own source.
+    src = {kind: c.submit(prompt=SRC, steps=20, seed=5, cache="auto") for kind, c in clients.items()}
+    for kind, c in clients.items():
+        assert c.wait(src[kind]["id"], timeout_s=600)["status"] == "done"
+    injected = 0
+    for kind in KINDS:
+        paths = _blob_paths(fs, src[kind]["id"], kind)
+        assert paths, kind
+        for p in paths:  # every object the job could pick is faulty
+            _corrupt(store, str(p), kind, rng)
+            injected += 1
+    jobs = {}
+    for kind, c in clients.items():
+        prompt = SRC if kind.startswith("image") else f"{SRC}, seen from the left"
+        jobs[kind] = c.submit(prompt=prompt, steps=20, seed=5 if kind.startswith("image") else 6, cache="auto")
+    for kind, c in clients.items():
+        j = c.wait(jobs[kind]["id"], timeout_s=600)
+        assert j["status"] == "done" and j["attempts"] == 1, (kind, j)
+        assert j["steps_run"] == 20, (kind, j)  # full generation
+        assert c.image(j["id"])[:8] == b"\x89PNG\r\n\x1a\n"
+        row = fs.sql("SELECT tier, k_policy, similarity FROM jobs WHERE id = %s", (j["id"],))[0]
+        assert row["tier"] == "miss", (kind, row)
+        if kind.startswith("state"):
+            assert row["k_policy"] and row["k_policy"] > 0, (kind, row)  # planned to resume, then downgraded
+    print(f"\nstorage faults (stack): {injected} objects corrupted over {len(KINDS)} kinds, {len(jobs)} jobs, 0 failed")
