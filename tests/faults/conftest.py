@@ -176,12 +176,13 @@ class _OneConnPool:
 
 
 @pytest.fixture(scope="session")
-def fault_model_dir() -> Path:
-    """A tiny random-weight SD pipeline (32×32 px) saved once per session."""
+def fault_model_dir() -> Iterator[Path]:
+    """A tiny random-weight SD pipeline (32×32 px) saved once per session (removed at the end)."""
     from nirvana.engine.tiny import build_tiny_sd
 
     root = Path(tempfile.mkdtemp(prefix="nirvana-faults-tiny-"))
-    return build_tiny_sd(root / "tiny-sd")
+    yield build_tiny_sd(root / "tiny-sd")
+    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="package")
