@@ -65,7 +65,7 @@ class Scale:
 def scale(request: pytest.FixtureRequest) -> Scale:
     if full_run(request.config):
         return Scale(True, kill_trials=20, storage_faults=1000, load_jobs=5000)
-    return Scale(False, kill_trials=3, storage_faults=1000, load_jobs=300)
+    return Scale(False, kill_trials=3, storage_faults=300, load_jobs=300)
 
 
 FAULT_ENV = {
