@@ -195,6 +195,9 @@ def up(
     port_ = s.api_port if port is None else port
     stack = Stack(_stack_config(_data_dir(data_dir), model, port_, render_workers, ready_timeout_s=ready_timeout))
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    # Ctrl-C stops the stack even when started from a non-interactive shell's background job, which leaves
+    # SIGINT ignored (and Python then installs no KeyboardInterrupt handler).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         stack.start()
         typer.echo(f"nirvana is up: {stack.api_url}  (docs: {stack.api_url}/docs)")
