@@ -49,6 +49,13 @@ def _has_vector_adapter(conn: psycopg.Connection[Any]) -> bool:
         return False
 
 
+# Prompts in a batch left with no state (after their states or image went): their image blob ids come back.
+_DELETE_EMPTY_PROMPTS = (
+    "DELETE FROM cache_prompts p WHERE p.id = ANY(%s) AND NOT EXISTS "
+    "(SELECT 1 FROM cache_states s WHERE s.prompt_id = p.id) RETURNING image_blob_id"
+)
+
+
 @dataclass(frozen=True)
 class Space:
     """Where vectors are comparable: a (model_key, tenant) namespace in one embedding space."""
@@ -575,11 +582,7 @@ class CacheIndex:
                     pids = sorted(int(d[0]) for d in drop)
                     blob_ids = {int(d[1]) for d in drop}
                     conn.execute("UPDATE cache_prompts SET image_blob_id = NULL WHERE id = ANY(%s)", (pids,))
-                    dead = conn.execute(
-                        "DELETE FROM cache_prompts p WHERE p.id = ANY(%s) AND NOT EXISTS "
-                        "(SELECT 1 FROM cache_states s WHERE s.prompt_id = p.id) RETURNING image_blob_id",
-                        (pids,),
-                    ).fetchall()
+                    dead = conn.execute(_DELETE_EMPTY_PROMPTS, (pids,)).fetchall()
                     res["images"] += len(drop)
                 elif ids:
                     gone = conn.execute(
@@ -587,11 +590,7 @@ class CacheIndex:
                     ).fetchall()
                     pids = sorted({int(g[0]) for g in gone})
                     blob_ids = {int(g[1]) for g in gone}
-                    dead = conn.execute(
-                        "DELETE FROM cache_prompts p WHERE p.id = ANY(%s) AND NOT EXISTS "
-                        "(SELECT 1 FROM cache_states s WHERE s.prompt_id = p.id) RETURNING image_blob_id",
-                        (pids,),
-                    ).fetchall()
+                    dead = conn.execute(_DELETE_EMPTY_PROMPTS, (pids,)).fetchall()
                     res["states"] += len(gone)
                 else:
                     pids = [int(x[0]) for x in conn.execute(phase2, p)]  # type: ignore[call-overload]
