@@ -83,6 +83,9 @@ def train_model_cmd(
     renders_per_scene: Annotated[int, typer.Option(help="renders per training scene")] = 16,
     prompts_per_scene: Annotated[int, typer.Option(help="paraphrases per training scene")] = 8,
     ema_decay: Annotated[float, typer.Option(help="EMA decay")] = 0.999,
+    prediction_type: Annotated[
+        str, typer.Option(help="training target: v_prediction (default) or epsilon (models v0/v1)")
+    ] = "v_prediction",
 ) -> None:
     """Train the bundled scene model (≈75 min on 2 cores, alone). Retrain rarely: weights live in git."""
     from nirvana.world.train import train_model
@@ -100,6 +103,7 @@ def train_model_cmd(
         renders_per_scene=renders_per_scene,
         prompts_per_scene=prompts_per_scene,
         ema_decay=ema_decay,
+        prediction_type=prediction_type,
     )
     typer.echo(json.dumps(summary))
 
@@ -291,7 +295,12 @@ def bench_quality(
 
 
 def _mount_subcommands() -> None:
-    """Mount the cache, bench and service sub-commands (their modules import heavy packages lazily)."""
+    """Mount the cache, bench and service sub-commands (their modules import heavy packages lazily).
+
+    Idempotent: tests that drive ``app`` in-process call it too.
+    """
+    if any(c.name == "trace" for c in bench_app.registered_commands):
+        return
     from nirvana.bench.commands import register as register_bench
     from nirvana.cache.commands import register as register_cache
     from nirvana.service.commands import register as register_service

@@ -12,6 +12,8 @@ import os
 import secrets
 import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -51,6 +53,27 @@ def _database_url(data_dir: Path) -> tuple[str, Any]:
     return url, pg
 
 
+@contextmanager
+def _keys_pool(data_dir: Path | None) -> Iterator[Any]:
+    """A one-connection pool on the stack's database; a ``FieldError`` inside becomes a clean CLI error.
+
+    Invariant: the pool is closed and an embedded Postgres started here is stopped, whatever happens inside.
+    """
+    from nirvana.service.errors import FieldError
+    from nirvana.service.jobs import make_pool
+
+    url, pg = _database_url(_data_dir(data_dir))
+    pool = make_pool(url, max_size=1, name="keys")
+    try:
+        yield pool
+    except FieldError as e:
+        _err(str(e))
+    finally:
+        pool.close()
+        if pg is not None:
+            pg.stop()
+
+
 def _data_dir(data_dir: Path | None) -> Path:
     from nirvana.config import get_settings
 
@@ -65,20 +88,10 @@ def keys_create(
     data_dir: Annotated[Path | None, typer.Option(help="embedded stack directory")] = None,
 ) -> None:
     """Create an API key and print it (shown once; only its hash is stored)."""
-    from nirvana.service.errors import FieldError
-    from nirvana.service.jobs import make_pool
     from nirvana.service.keys import create_key
 
-    url, pg = _database_url(_data_dir(data_dir))
-    pool = make_pool(url, max_size=1, name="keys")
-    try:
+    with _keys_pool(data_dir) as pool:
         typer.echo(create_key(pool, tenant, name=name, role=role))
-    except FieldError as e:
-        _err(str(e))
-    finally:
-        pool.close()
-        if pg is not None:
-            pg.stop()
 
 
 @keys_app.command("list")
@@ -87,18 +100,11 @@ def keys_list(
     data_dir: Annotated[Path | None, typer.Option(help="embedded stack directory")] = None,
 ) -> None:
     """List keys (prefix, tenant, role, revoked)."""
-    from nirvana.service.jobs import make_pool
     from nirvana.service.keys import list_keys
 
-    url, pg = _database_url(_data_dir(data_dir))
-    pool = make_pool(url, max_size=1, name="keys")
-    try:
+    with _keys_pool(data_dir) as pool:
         for k in list_keys(pool, tenant):
             typer.echo(json.dumps(k))
-    finally:
-        pool.close()
-        if pg is not None:
-            pg.stop()
 
 
 @keys_app.command("shared-pool")
@@ -111,27 +117,17 @@ def keys_shared_pool(
 
     Tenants are private by default: a tenant's jobs resume only from its own cached states. Jobs of tenants in
     the shared pool resume from each other's states (docs/SECURITY.md: what that exposes)."""
-    from nirvana.service.errors import FieldError
-    from nirvana.service.jobs import make_pool
     from nirvana.service.tenants import set_shared_pool, shared_pool_tenants
 
     if tenant is not None and on is None:
         _err("say --on or --off")
-    url, pg = _database_url(_data_dir(data_dir))
-    pool = make_pool(url, max_size=1, name="keys")
-    try:
+    with _keys_pool(data_dir) as pool:
         if tenant is not None and on is not None:
             set_shared_pool(pool, tenant, on)
             typer.echo(f"{tenant}: {'shared pool' if on else 'private cache'} (jobs created from now on)")
         else:
             for t in shared_pool_tenants(pool):
                 typer.echo(t)
-    except FieldError as e:
-        _err(str(e))
-    finally:
-        pool.close()
-        if pg is not None:
-            pg.stop()
 
 
 @keys_app.command("revoke")
@@ -140,17 +136,10 @@ def keys_revoke(
     data_dir: Annotated[Path | None, typer.Option(help="embedded stack directory")] = None,
 ) -> None:
     """Revoke a key (requests with it get 403)."""
-    from nirvana.service.jobs import make_pool
     from nirvana.service.keys import revoke_key
 
-    url, pg = _database_url(_data_dir(data_dir))
-    pool = make_pool(url, max_size=1, name="keys")
-    try:
+    with _keys_pool(data_dir) as pool:
         typer.echo(f"revoked {revoke_key(pool, key)}")
-    finally:
-        pool.close()
-        if pg is not None:
-            pg.stop()
 
 
 def _stack_config(

@@ -1,7 +1,7 @@
 """Training of the bundled scene model (``nirvana train-model``).
 
 The model is a diffusers ``UNet2DConditionModel`` on pixel-unshuffled 32×32 images (12×16×16 "latents":
-each latent cell is a 2×2 pixel patch), conditioned on MiniLM token states, trained with ε-prediction, a cosine
+each latent cell is a 2×2 pixel patch), conditioned on MiniLM token states, trained with v-prediction (v1: ε), a cosine
 noise schedule and 10% classifier-free-guidance dropout. Cross-attention only at 4×4 (and the mid block): on
 2 cores the step time follows attention resolution, and this shape trains at ~1.75 s per batch of 64.
 
@@ -58,12 +58,17 @@ def unet_config() -> dict[str, Any]:
     }
 
 
-def scheduler_config() -> dict[str, Any]:
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def scheduler_config(prediction_type: str = "v_prediction") -> dict[str, Any]:
     """Noise schedule shared by training (DDPM) and inference (DDIM by default)."""
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
     return {
         "num_train_timesteps": 1000,
         "beta_schedule": "squaredcos_cap_v2",
-        "prediction_type": "epsilon",
+        "prediction_type": prediction_type,
         "clip_sample": True,
         "clip_sample_range": 1.0,
         "set_alpha_to_one": False,
@@ -90,9 +95,9 @@ def model_index(name: str) -> dict[str, Any]:
     }
 
 
-def _save(ema: Any, out_dir: Path, name: str, scheduler_cls: Any) -> None:
+def _save(ema: Any, out_dir: Path, name: str, scheduler_cls: Any, prediction_type: str) -> None:
     ema.to(torch.float16).save_pretrained(out_dir / "unet", safe_serialization=True)
-    scheduler_cls(**scheduler_config()).save_pretrained(out_dir / "scheduler")
+    scheduler_cls(**scheduler_config(prediction_type)).save_pretrained(out_dir / "scheduler")
     (out_dir / "model_index.json").write_text(json.dumps(model_index(name), indent=2) + "\n")
 
 
@@ -136,6 +141,7 @@ def train_model(
     high_t_fraction: float = 0.0,
     high_t_min: int = 400,
     warmup_steps: int = 200,
+    prediction_type: str = "v_prediction",
 ) -> dict[str, Any]:
     """Train the bundled model and write it to ``out_dir``. Deterministic for a given seed/threads.
 
@@ -144,7 +150,11 @@ def train_model(
         high_t_fraction: share of each batch whose timestep is drawn from ``[high_t_min, 1000)`` instead of
             uniformly: with ε-prediction the loss barely rewards getting the global layout (background,
             position) right at high noise, where the sampler decides it.
+        prediction_type: "v_prediction" (default) or "epsilon" (v0/v1). The ε-loss equals an x0-loss weighted
+            by SNR(t), which vanishes at the near-pure-noise steps where the sampler decides the global layout;
+            the v-loss weights x0 by SNR(t)+1 ≥ 1, so background and position are learnt there.
     """
+    scheduler_config(prediction_type)  # validates before minutes of rendering
     if not 0.0 <= high_t_fraction <= 1.0:
         raise ValueError(f"high_t_fraction must be in [0, 1], got {high_t_fraction}")
     from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
@@ -179,7 +189,9 @@ def train_model(
     n_params = sum(p.numel() for p in unet.parameters())
     log.info("unet parameters: %d", n_params)
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
-    noise_sched = DDPMScheduler(**{k: v for k, v in scheduler_config().items() if k != "set_alpha_to_one"})
+    noise_sched = DDPMScheduler(
+        **{k: v for k, v in scheduler_config(prediction_type).items() if k != "set_alpha_to_one"}
+    )
     alphas = noise_sched.alphas_cumprod
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=1e-4)
     warmup = min(warmup_steps, steps // 10)
@@ -213,7 +225,9 @@ def train_model(
         a = alphas[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         pred = unet(xt, t, encoder_hidden_states=cond).sample
-        loss = F.mse_loss(pred, noise)
+        # v = √ᾱ·ε − √(1−ᾱ)·x0 (Salimans & Ho 2022), the target diffusers' schedulers invert for "v_prediction".
+        target = noise if prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
+        loss = F.mse_loss(pred, target)
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         opt.zero_grad(set_to_none=True)
@@ -224,18 +238,18 @@ def train_model(
         with torch.no_grad():
             for pe, pm in zip(ema.parameters(), unet.parameters(), strict=True):
                 pe.mul_(decay).add_(pm.detach(), alpha=1 - decay)
-        losses.append(float(loss))
+        losses.append(loss.item())
         if step % 50 == 0 or step == steps - 1:
             recent = float(np.mean(losses[-50:]))
             bar.set_postfix(loss=f"{recent:.4f}")
             log.info("step %d loss %.5f lr %.2e elapsed %.0fs", step, recent, lr_at(step), time.perf_counter() - t0)
         if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
             # A usable pipeline directory at every checkpoint: a stopped run still leaves weights behind.
-            _save(copy.deepcopy(ema), out_dir, name, DDIMScheduler)
+            _save(copy.deepcopy(ema), out_dir, name, DDIMScheduler, prediction_type)
             log.info("checkpoint at step %d", step + 1)
     elapsed = time.perf_counter() - t0
 
-    _save(ema, out_dir, name, DDIMScheduler)
+    _save(ema, out_dir, name, DDIMScheduler, prediction_type)
     summary = {
         "steps": steps,
         "batch_size": batch_size,
@@ -244,6 +258,7 @@ def train_model(
         "init_from": str(init_from) if init_from is not None else None,
         "high_t_fraction": high_t_fraction,
         "high_t_min": high_t_min,
+        "prediction_type": prediction_type,
         "renders_per_scene": renders_per_scene,
         "prompts_per_scene": prompts_per_scene,
         "ema_decay": ema_decay,

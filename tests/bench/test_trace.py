@@ -262,10 +262,9 @@ def _smoke_trace(tmp_path: Path) -> Path:
 def test_cli_smoke(tmp_path: Path, pg_server: EmbeddedPostgres) -> None:
     from typer.testing import CliRunner
 
-    from nirvana.cli import _mount_subcommands, app, bench_app
+    from nirvana.cli import _mount_subcommands, app
 
-    if not any(c.name == "trace" for c in bench_app.registered_commands):
-        _mount_subcommands()
+    _mount_subcommands()
     out = tmp_path / "out"
     trace = _smoke_trace(tmp_path)
     args = ["bench", "trace", "--trace", str(trace), "--limit", "300", "--policies", "paper,ours",
