@@ -1,9 +1,11 @@
-"""Storage faults: missing, truncated and bit-flipped latents and images. Every fault is detected (checksums;
-an unreadable object is a miss) and the job falls back to full generation and succeeds.
+"""Storage faults: missing, truncated and bit-flipped latents and images, and the storage endpoint down while a
+job reads its cached state. Every fault is detected (checksums; an unreadable object is a miss) and the job
+falls back to full generation and succeeds.
 
-* Library level (``ApproximateCache`` on the session's real Postgres and a file store): each trial seeds an
-  entry, looks up the job that will resume from it, injects one fault into exactly the object that lookup chose,
-  then runs the render worker's cache path (load → fall back → generate → record).
+* Library level (``ApproximateCache`` on the session's real Postgres): each trial seeds an entry, looks up the
+  job that will resume from it, injects one fault into exactly the object that lookup chose, then runs the
+  render worker's cache path (load → fall back → generate → record). A file store takes the six corruption
+  kinds; a real S3 endpoint (moto's server, stopped for the outage) takes the endpoint-down trials.
 * Stack level: the same kinds through the real services (router, render worker, file store), smaller in number.
 """
 
@@ -19,6 +21,7 @@ import pytest
 
 from nirvana.cache.core import ApproximateCache, CacheRequest, LookupResult, Namespace
 from nirvana.cache.store import LatentStore
+from nirvana.services.postgres import free_port
 from tests.cache.helpers import at_similarity, make_cache, request, states, unit
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(1800)]
@@ -26,6 +29,7 @@ pytestmark = [pytest.mark.faults, pytest.mark.timeout(1800)]
 KS = [5, 10, 15, 20, 25]
 CORRUPTIONS = ("missing", "truncated", "bitflip")
 KINDS = tuple(f"{obj}-{c}" for obj in ("state", "image") for c in CORRUPTIONS)
+DOWN_FAULTS = 100  # endpoint-down trials (library level), part of the 1,000
 
 
 def _corrupt(store: LatentStore, uri: str, kind: str, rng: np.random.Generator) -> None:
@@ -87,7 +91,7 @@ def _finish(cache: ApproximateCache, job: str, req: CacheRequest) -> None:
 
 
 def test_storage_faults_library_level_every_job_succeeds(new_database: Any, tmp_path: Path, scale: Any) -> None:
-    n = scale.storage_faults
+    n = scale.storage_faults - DOWN_FAULTS
     rng = np.random.default_rng(7)
     cache = make_cache(new_database(), LatentStore(str(tmp_path / "blobs")), budget_bytes=10**12)
     ns = Namespace("faults-lib-32x32-ddim", "storage")
@@ -121,6 +125,53 @@ def test_storage_faults_library_level_every_job_succeeds(new_database: Any, tmp_
     assert failed == []
     assert detected == injected
     assert sum(injected.values()) == n
+
+
+def test_storage_endpoint_down_jobs_fall_back(new_database: Any, s3_endpoint: str) -> None:
+    bucket = f"faults-{uuid.uuid4().hex[:8]}"
+    # Client retries shortened so a refused connection fails in milliseconds (production keeps the defaults:
+    # the outcome, a miss, is the same, only slower).
+    fast_fail = {"config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 2, "read_timeout": 5}}
+    store = LatentStore(f"s3://{bucket}", storage_options={"client_kwargs": {"endpoint_url": s3_endpoint}})
+    store.fs.mkdir(bucket)
+    # The same bucket behind an endpoint that refuses connections: what a worker sees while S3 is down (stopping
+    # the moto server would not do: it keeps serving open keep-alive connections).
+    down = LatentStore(
+        f"s3://{bucket}",
+        storage_options={"client_kwargs": {"endpoint_url": f"http://127.0.0.1:{free_port()}"}, **fast_fail},
+    )
+    down.fs.retries = 1
+    rng = np.random.default_rng(11)
+    cache = make_cache(new_database(), store, budget_bytes=10**12)
+    ns = Namespace("faults-s3-32x32-ddim", "storage")
+    kinds = ("state-endpoint-down", "image-endpoint-down")
+    plans = []
+    failed: list[str] = []
+    try:
+        for i in range(DOWN_FAULTS):
+            kind = kinds[i % 2]
+            src = _seed(cache, ns, unit(rng), f"s3 scene {i}")
+            req = _job_request(kind, src, ns, rng)
+            hit = cache.lookup(req)
+            _target(cache, kind, hit)
+            plans.append((kind, req, hit))
+        cache.store = down  # the endpoint goes down between the lookups and the reads
+        results = [(kind, _load(cache, hit)) for kind, _req, hit in plans]
+        cache.store = store  # back before the workers write their results
+        for i, (kind, req, hit) in enumerate(plans):
+            try:
+                _finish(cache, f"s3-job-{i}", req)
+                # An unreadable object is a miss but its rows stay: readable again once the endpoint is back.
+                assert _load(cache, hit) is not None
+            except Exception as e:
+                failed.append(f"{kind}: {type(e).__name__}: {e}")
+    finally:
+        cache.close()
+    detected = Counter(kind for kind, got in results if got is None)
+    print(f"\nstorage endpoint down (library, S3): {len(plans)} injected, {sum(detected.values())} fell back to full "
+          f"generation, {len(failed)} failed jobs")  # fmt: skip
+    assert failed == []
+    assert detected == Counter(kind for kind, _, _ in plans)
 
 
 # ---------------------------------------------------------------------- through the real stack
