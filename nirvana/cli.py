@@ -130,18 +130,9 @@ def eval_model_cmd(
     out: Annotated[Path | None, typer.Option(help="also write the JSON here")] = None,
 ) -> None:
     """Adherence, probe accuracy and probe-FID on held-out combinations, and the K × similarity table."""
-    from nirvana.config import bundled_probe_dir
-    from nirvana.engine.engine import DiffusionEngine
-    from nirvana.engine.loader import load_model
     from nirvana.world.evaluate import evaluate_model, format_table
-    from nirvana.world.metrics import ProbeMetrics
 
-    try:
-        engine = DiffusionEngine(load_model(model, device="auto"))
-        metrics = ProbeMetrics(bundled_probe_dir())
-    except (ValueError, FileNotFoundError) as e:
-        _fail(str(e))
-        return
+    engine, metrics = _bundled_engine_and_probe(model)
     res = evaluate_model(engine, metrics, steps=steps, guidance=guidance, pairs=pairs)
     typer.echo(f"model_key            {res['model_key']}")
     typer.echo(f"adherence            {res['adherence']:.3f}  (held-out combinations: {res['held_out_scenes']})")
@@ -153,8 +144,6 @@ def eval_model_cmd(
         f"s/image single       {res['seconds_per_image_single']:.2f}  batched {res['seconds_per_image_batched']:.3f}"
     )
     if res["table"]:
-        from nirvana.world.evaluate import format_table
-
         typer.echo("\nadherence resuming from a different prompt's state (count), by MiniLM similarity:")
         typer.echo(format_table(res["table"]))
     if out:
@@ -201,15 +190,37 @@ def calibrate(
     min_count: Annotated[int, typer.Option(help="buckets with fewer pairs get no K")] = 10,
     report: Annotated[Path, typer.Option(help="report directory")] = Path("out/bench"),
     as_json: Annotated[bool, typer.Option("--json", help="last line: one JSON object")] = False,
+    table_file: Annotated[
+        Path | None,
+        typer.Option("--table", help="fit on the K x similarity table of `eval-model --out FILE` instead of measuring"),
+    ] = None,
 ) -> None:
-    """Fit the similarity → K table of the bundled model to a quality target; write it as a policy file."""
+    """Fit the similarity → K table of the bundled model to a quality target; write it as a policy file.
+
+    Measuring the table costs ~6 s per pair on 2 cores; ``--table`` reuses one ``eval-model`` already measured
+    (it must be of the bundled model as loaded now: its ``model_key`` is checked).
+    """
     from nirvana.bench.calibrate import fit_policy
     from nirvana.bench.report import md_table, write_report
     from nirvana.cache.policy import KPolicy, policies_dir
     from nirvana.world.evaluate import format_table, k_similarity_table, make_pairs
 
     engine, metrics = _bundled_engine_and_probe()
-    table = k_similarity_table(engine, metrics, make_pairs(pairs, seed=100))
+    if table_file is not None:
+        try:
+            saved = json.loads(table_file.read_text())
+        except (OSError, ValueError) as e:
+            _fail(f"--table: cannot read {table_file}: {e}")
+            return
+        if not isinstance(saved, dict) or not isinstance(saved.get("table"), dict):
+            _fail(f"--table: {table_file} has no 'table' (write it with `nirvana eval-model --pairs N --out FILE`)")
+            return
+        if saved.get("model_key") != engine.model_key():
+            _fail(f"--table: measured on {saved.get('model_key')!r}, the bundled model is {engine.model_key()!r}")
+            return
+        table = saved["table"]
+    else:
+        table = k_similarity_table(engine, metrics, make_pairs(pairs, seed=100))
     try:
         policy, decisions = fit_policy(table, target, min_count=min_count)
     except ValueError as e:

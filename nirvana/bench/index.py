@@ -112,7 +112,14 @@ def _embed_cached(texts: list[str], cache_dir: Path | None, embedder: Any) -> np
     path = cache_dir / f"emb-{embedder.space}-{key}.npy" if cache_dir else None
     if path is not None and path.exists():
         return np.load(path)
-    x = embedder.embed(texts)
+    from tqdm import tqdm
+
+    chunk = 4096  # 100k long prompts take ~10 min on 2 cores: show progress
+    parts = [
+        embedder.embed(texts[i : i + chunk])
+        for i in tqdm(range(0, len(texts), chunk), desc="embed", unit="chunk", disable=len(texts) <= chunk)
+    ]
+    x = np.concatenate(parts) if parts else embedder.embed([])
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         np.save(path, x)
