@@ -225,6 +225,14 @@ def demo(
     data_dir: Annotated[Path | None, typer.Option(help="embedded stack directory")] = None,
     render_workers: Annotated[int, typer.Option(help="render workers to start")] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object last")] = False,
+    direct_engine: Annotated[
+        bool,
+        typer.Option(
+            "--direct-engine/--no-direct-engine",
+            help="replay the same jobs through the engine in-process afterwards (service vs bare engine); "
+            "with --url, pass the served model as --model",
+        ),
+    ] = False,
 ) -> None:
     """The main job: start the stack, run a realistic workload through the HTTP API, report and write a gallery.
 
@@ -289,6 +297,8 @@ def demo(
             console.print("writing the gallery (full-generation references run with cache=off) ...")
             html_path = write_gallery(out, res, clients, gallery_items)
         s["gallery"] = str(html_path) if html_path else None
+        if direct_engine:
+            s["direct"] = _direct_replay(res, clients, model, console)
         results = [
             {"request": o.request.__dict__, "job": o.job, "latency_s": o.latency_s, "error": o.error}
             for o in res.outcomes
@@ -299,13 +309,26 @@ def demo(
             f"hit rate {s['hit_rate']:.1%}  (exact {s['exact_rate']:.1%}, approximate {s['approximate_rate']:.1%}, "
             f"mean K {s['mean_k']})",
             f"steps saved {s['steps_saved_fraction']:.1%}",
-            f"latency p50 {s['p50_s']}s  p95 {s['p95_s']}s   throughput {s['throughput_jobs_per_s']} jobs/s",
+            f"latency p50 {s['p50_s']}s  p95 {s['p95_s']}s  p99 {s['p99_s']}s   "
+            f"throughput {s['throughput_jobs_per_s']} jobs/s",
+            *(
+                f"  {t:<12} {v['jobs']:>4} jobs  p50 {v['p50_s']}s  p95 {v['p95_s']}s  p99 {v['p99_s']}s"
+                for t, v in s["latency_by_tier"].items()
+            ),
             f"service overhead (job wall − engine) p50 {s['overhead_p50_s']}s  p99 {s['overhead_p99_s']}s; "
             f"without waiting for a busy render worker p50 {s['overhead_excl_render_wait_p50_s']}s  "
             f"p99 {s['overhead_excl_render_wait_p99_s']}s",
             f"workload: near-duplicates {s['workload_near_duplicate']:.1%}, exact repeats "
             f"{s['workload_exact_repeat']:.1%}",
         ]
+        if "direct" in s:
+            d = s["direct"]
+            lines.append(f"same jobs through the engine directly (service / direct: {d['service_over_direct']}x)")
+            lines.extend(
+                f"  {t:<12} {v['jobs']:>4} jobs  p50 {v['p50_s']}s  p95 {v['p95_s']}s  p99 {v['p99_s']}s  "
+                f"service/direct p50 {d['overhead_ratio'][t]}"
+                for t, v in d["direct_by_tier"].items()
+            )
         if html_path:
             lines.append(f"gallery {html_path}")
         for line in lines:
@@ -317,6 +340,21 @@ def demo(
             c.close()
         if stack is not None:
             stack.stop()
+
+
+def _direct_replay(res: Any, clients: dict[str, Any], model: str | None, console: Any) -> dict[str, Any]:
+    """``direct_engine_replay`` on the served model loaded in this process, with a progress bar."""
+    from rich.progress import Progress
+
+    from nirvana.config import get_settings
+    from nirvana.engine.engine import DiffusionEngine
+    from nirvana.engine.loader import load_model
+    from nirvana.service.demo import direct_engine_replay
+
+    engine = DiffusionEngine(load_model(model or get_settings().model, device="auto"))
+    with Progress(console=console) as bar:
+        task = bar.add_task("direct engine replay", total=None)
+        return direct_engine_replay(engine, res, clients, lambda i, n: bar.update(task, completed=i, total=n))
 
 
 def render(
@@ -394,9 +432,17 @@ def bench_e2e(
     data_dir: Annotated[Path | None, typer.Option(help="embedded stack directory")] = None,
     render_workers: Annotated[int, typer.Option(help="render workers to start")] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object last")] = False,
+    direct_engine: Annotated[
+        bool,
+        typer.Option(
+            "--direct-engine/--no-direct-engine",
+            help="replay the same jobs through the engine in-process (service vs bare engine, same run)",
+        ),
+    ] = True,
 ) -> None:
-    """End-to-end service benchmark: the demo workload without the gallery; reports job wall time minus engine
-    time (service overhead) p50/p99, latency and throughput."""
+    """End-to-end service benchmark: the demo workload without the gallery; latency p50/p95/p99 overall and for
+    misses, approximate and exact hits, throughput, job wall time minus engine time, and (default) the same jobs
+    through the engine directly in the same run: service / direct = the service's overhead."""
     demo(
         requests=requests,
         concurrency=concurrency,
@@ -410,6 +456,7 @@ def bench_e2e(
         data_dir=data_dir,
         render_workers=render_workers,
         as_json=as_json,
+        direct_engine=direct_engine,
     )
 
 

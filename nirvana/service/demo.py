@@ -2,8 +2,10 @@
 
 ``run_demo`` submits a ``workload.generate`` stream with closed-loop users (a user sends the next request only
 after the previous one finished — that is how people iterate on prompts), shows live progress, and summarises
-hit rate, steps saved, latency p50/p95, throughput and service overhead (job wall time minus engine time). The
-gallery puts each approximate hit beside its source and a full generation of the same prompt and seed.
+hit rate, steps saved, latency p50/p95/p99 (overall and per tier), throughput and service overhead (job wall time
+minus engine time). The gallery puts each approximate hit beside its source and a full generation of the same
+prompt and seed. ``direct_engine_replay`` (``nirvana bench e2e``) runs the same jobs through the engine in-process
+right after, so service latency and bare engine time are compared side by side in one run.
 """
 
 from __future__ import annotations
@@ -15,10 +17,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nirvana.service.client import ApiError, Client
 from nirvana.service.workload import Request, generate, reuse_stats
+
+if TYPE_CHECKING:
+    from nirvana.engine.engine import DiffusionEngine
+
+TIERS: tuple[str, ...] = ("miss", "approximate", "exact")
 
 
 @dataclass
@@ -103,6 +110,78 @@ def run_workload(
     return res
 
 
+def latency_stats(xs: list[float]) -> dict[str, Any]:
+    """``jobs`` and p50/p95/p99 seconds (None when empty), rounded to 0.1 ms."""
+    out: dict[str, Any] = {"jobs": len(xs)}
+    for q in (50, 95, 99):
+        v = percentile(xs, q)
+        out[f"p{q}_s"] = None if v is None else round(v, 4)
+    return out
+
+
+def _replay(engine: DiffusionEngine, job: dict[str, Any], start: Any = None, capture: list[int] | None = None) -> Any:
+    """One job's generation through ``engine`` (its prompt, negative prompt, seed, steps, guidance and size)."""
+    return engine.generate(
+        [job["prompt"]],
+        seeds=[job["seed"]],
+        negative_prompts=[job["negative_prompt"]],
+        steps=job["steps"],
+        guidance=job["guidance"],
+        height=job["height"],
+        width=job["width"],
+        start=start,
+        capture=capture or [],
+    )
+
+
+def direct_engine_replay(
+    engine: DiffusionEngine,
+    res: DemoResult,
+    clients: dict[str, Client],
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Run the finished jobs again through ``engine`` in this process and compare with their service latency.
+
+    A miss replays as a full generation; an approximate hit at K as a resume from the state its source job's
+    prompt reaches after K steps (captured here, untimed): the same work the render worker did, without queues,
+    HTTP, the database or storage. Exact hits need no engine work and are not replayed. One untimed warm-up run
+    first. ``overhead_ratio`` per tier = service p50 / direct p50; ``service_over_direct`` = Σ service latency /
+    Σ direct time over the replayed jobs (1.0 = no overhead; concurrency 1 makes it pure overhead).
+    """
+    done = [o for o in res.outcomes if o.job and o.job["status"] == "done" and o.job["cache"]["tier"] != "exact"]
+    direct: dict[str, list[float]] = {t: [] for t in TIERS[:2]}
+    service: dict[str, list[float]] = {t: [] for t in TIERS[:2]}
+    if done:
+        assert done[0].job is not None
+        _replay(engine, done[0].job)
+    for i, o in enumerate(done):
+        job = o.job
+        assert job is not None
+        tier = job["cache"]["tier"]
+        start = None
+        if tier == "approximate" and not job["cache"].get("source_job_id"):
+            continue  # source not visible to this key (a shared pool): nothing to replay from
+        if tier == "approximate":
+            src = clients[o.request.tenant].job(job["cache"]["source_job_id"])
+            cap = _replay(engine, src, capture=[int(job["cache"]["k"])])
+            start = cap.states[0][0]
+        t0 = time.perf_counter()
+        _replay(engine, job, start=start)
+        direct[tier].append(time.perf_counter() - t0)
+        service[tier].append(o.latency_s)
+        if progress is not None:
+            progress(i + 1, len(done))
+    p50 = {t: percentile(direct[t], 50) for t in direct}
+    s50 = {t: percentile(service[t], 50) for t in service}
+    total_direct = sum(sum(v) for v in direct.values())
+    total_service = sum(sum(v) for v in service.values())
+    return {
+        "direct_by_tier": {t: latency_stats(xs) for t, xs in direct.items()},
+        "overhead_ratio": {t: (round(s50[t] / p50[t], 3) if s50[t] is not None and p50[t] else None) for t in direct},
+        "service_over_direct": round(total_service / total_direct, 3) if total_direct > 0 else None,
+    }
+
+
 def summarize(res: DemoResult) -> dict[str, Any]:
     """Hit rate, steps saved, latency and overhead of a finished run (only completed jobs count)."""
     done = [o for o in res.outcomes if o.job is not None and o.job["status"] == "done"]
@@ -124,6 +203,7 @@ def summarize(res: DemoResult) -> dict[str, Any]:
     engine = [o.job["timings"]["engine_s"] or 0.0 for o in done if o.job]
     ks = [o.job["cache"]["k"] for o in done if o.job and o.job["cache"]["tier"] == "approximate"]
     n_done = max(len(done), 1)
+    by_tier = {t: [o.latency_s for o in done if o.job and o.job["cache"]["tier"] == t] for t in TIERS}
     stream = reuse_stats([(o.request.prompt, o.request.seed) for o in res.outcomes])
 
     def r(x: float | None, nd: int = 4) -> float | None:
@@ -140,6 +220,8 @@ def summarize(res: DemoResult) -> dict[str, Any]:
         "steps_saved_fraction": r(saved / max(steps, 1)),
         "p50_s": r(percentile(lat, 50)),
         "p95_s": r(percentile(lat, 95)),
+        "p99_s": r(percentile(lat, 99)),
+        "latency_by_tier": {t: latency_stats(xs) for t, xs in by_tier.items()},
         "throughput_jobs_per_s": r(len(done) / max(res.wall_s, 1e-9), 3),
         "wall_s": r(res.wall_s, 2),
         "engine_p50_s": r(percentile(engine, 50)),

@@ -61,6 +61,29 @@ def test_demo_json_against_running_service(stack: Any, make_key: Callable[..., s
     assert (tmp_path / "demo" / "index.html").exists() and (tmp_path / "demo" / "results.json").exists()
 
 
+def test_bench_e2e_compares_service_and_direct_engine(stack: Any, make_key: Callable[..., str], tmp_path: Path) -> None:
+    env = {**os.environ, **TEST_ENV}
+    args = ["bench", "e2e", "--requests", "10", "--steps", "10", "--json", "--url", stack.api_url]
+    r = subprocess.run(
+        [*NIRVANA, *args, "--api-key", make_key("e2e-tenant"), "--model", str(stack.cfg.model)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=500,
+        cwd=tmp_path,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads(r.stdout.strip().splitlines()[-1])
+    assert s["completed"] == 10 and s["p99_s"] >= s["p50_s"] > 0
+    tiers = s["latency_by_tier"]
+    assert set(tiers) == {"miss", "approximate", "exact"} and sum(t["jobs"] for t in tiers.values()) == 10
+    d = s["direct"]
+    # Every non-exact job was replayed; the service cannot be faster than the bare engine doing the same work.
+    assert sum(v["jobs"] for v in d["direct_by_tier"].values()) == 10 - tiers["exact"]["jobs"]
+    assert d["service_over_direct"] > 1.0
+    assert "same jobs through the engine directly" in r.stderr + r.stdout
+
+
 @pytest.mark.slow
 def test_up_keys_and_clean_shutdown(new_database: Callable[..., str], tiny_model_dir: Path, tmp_path: Path) -> None:
     data = tmp_path / "stack"
