@@ -14,13 +14,12 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-
-class ImageMetric(Protocol):
-    def score(self, images: list[Any], prompts: list[str]) -> dict[str, float]: ...
+if TYPE_CHECKING:
+    from nirvana.world.metrics import ImageMetric
 
 
 def _bundled_present() -> tuple[bool, Path]:

@@ -82,13 +82,21 @@ def _data_dir(data_dir: Path | None) -> Path:
 
 @keys_app.command("create")
 def keys_create(
-    tenant: Annotated[str, typer.Option(help="tenant the key is bound to")],
+    tenant_arg: Annotated[str | None, typer.Argument(metavar="TENANT", help="tenant the key is bound to")] = None,
+    tenant: Annotated[str | None, typer.Option(help="the same, as an option")] = None,
     role: Annotated[str, typer.Option(help="user | admin")] = "user",
     name: Annotated[str, typer.Option(help="a label")] = "",
     data_dir: Annotated[Path | None, typer.Option(help="embedded stack directory")] = None,
 ) -> None:
-    """Create an API key and print it (shown once; only its hash is stored)."""
+    """Create an API key for TENANT (or --tenant) and print it (shown once; only its hash is stored)."""
     from nirvana.service.keys import create_key
+
+    if tenant_arg and tenant and tenant_arg != tenant:
+        _err(f"tenant given twice: {tenant_arg!r} and --tenant {tenant!r}")
+    tenant = tenant_arg or tenant
+    if not tenant:
+        _err("tenant: give it as an argument or --tenant")
+    assert tenant is not None
 
     with _keys_pool(data_dir) as pool:
         typer.echo(create_key(pool, tenant, name=name, role=role))

@@ -34,6 +34,13 @@ def test_keys_lifecycle(new_database: Callable[..., str], tmp_path: Path, monkey
     assert revoked.exit_code == 0 and "revoked 1" in revoked.output, revoked.output
     assert json.loads(run(app, ["keys", "list", *data]).output.splitlines()[0])["revoked"]
 
+    assert run(app, ["keys", "create", "beta", *data]).exit_code == 0  # positional TENANT, as in the README
+    assert {k["tenant"] for k in map(json.loads, run(app, ["keys", "list", *data]).output.splitlines())} == {
+        "acme",
+        "beta",
+    }
+    assert run(app, ["keys", "create", *data]).exit_code == 2  # no tenant
+    assert run(app, ["keys", "create", "a", "--tenant", "b", *data]).exit_code == 2  # two different tenants
     bad = run(app, ["keys", "create", "--tenant", "acme", "--role", "root", *data])
     assert bad.exit_code == 2 and "role" in bad.output, bad.output
     assert run(app, ["keys", "shared-pool", "acme", *data]).exit_code == 2  # neither --on nor --off
