@@ -84,8 +84,8 @@ def train_model_cmd(
     prompts_per_scene: Annotated[int, typer.Option(help="paraphrases per training scene")] = 8,
     ema_decay: Annotated[float, typer.Option(help="EMA decay")] = 0.999,
     prediction_type: Annotated[
-        str, typer.Option(help="training target: v_prediction (default) or epsilon (models v0/v1)")
-    ] = "v_prediction",
+        str, typer.Option(help="training target: epsilon (default, the committed model) or v_prediction")
+    ] = "epsilon",
 ) -> None:
     """Train the bundled scene model (≈75 min on 2 cores, alone). Retrain rarely: weights live in git."""
     from nirvana.world.train import train_model

@@ -1,7 +1,7 @@
 """Training of the bundled scene model (``nirvana train-model``).
 
 The model is a diffusers ``UNet2DConditionModel`` on pixel-unshuffled 32×32 images (12×16×16 "latents":
-each latent cell is a 2×2 pixel patch), conditioned on MiniLM token states, trained with v-prediction (v1: ε), a cosine
+each latent cell is a 2×2 pixel patch), conditioned on MiniLM token states, trained with ε-prediction (v-prediction selectable), a cosine
 noise schedule and 10% classifier-free-guidance dropout. Cross-attention only at 4×4 (and the mid block): on
 2 cores the step time follows attention resolution, and this shape trains at ~1.75 s per batch of 64.
 
@@ -61,7 +61,7 @@ def unet_config() -> dict[str, Any]:
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
-def scheduler_config(prediction_type: str = "v_prediction") -> dict[str, Any]:
+def scheduler_config(prediction_type: str = "epsilon") -> dict[str, Any]:
     """Noise schedule shared by training (DDPM) and inference (DDIM by default)."""
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
@@ -141,7 +141,7 @@ def train_model(
     high_t_fraction: float = 0.0,
     high_t_min: int = 400,
     warmup_steps: int = 200,
-    prediction_type: str = "v_prediction",
+    prediction_type: str = "epsilon",
 ) -> dict[str, Any]:
     """Train the bundled model and write it to ``out_dir``. Deterministic for a given seed/threads.
 
@@ -150,9 +150,10 @@ def train_model(
         high_t_fraction: share of each batch whose timestep is drawn from ``[high_t_min, 1000)`` instead of
             uniformly: with ε-prediction the loss barely rewards getting the global layout (background,
             position) right at high noise, where the sampler decides it.
-        prediction_type: "v_prediction" (default) or "epsilon" (v0/v1). The ε-loss equals an x0-loss weighted
+        prediction_type: "epsilon" (default; v0/v1) or "v_prediction". The ε-loss equals an x0-loss weighted
             by SNR(t), which vanishes at the near-pure-noise steps where the sampler decides the global layout;
-            the v-loss weights x0 by SNR(t)+1 ≥ 1, so background and position are learnt there.
+            the v-loss weights x0 by SNR(t)+1 ≥ 1. Measured at the 75-minute budget (docs/MODEL.md, v2): v
+            learnt backgrounds slightly better and the object much worse, so ε stays the default.
     """
     scheduler_config(prediction_type)  # validates before minutes of rendering
     if not 0.0 <= high_t_fraction <= 1.0:
