@@ -134,6 +134,10 @@ def _replay(engine: DiffusionEngine, job: dict[str, Any], start: Any = None, cap
     )
 
 
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a is not None and b else None
+
+
 def direct_engine_replay(
     engine: DiffusionEngine,
     res: DemoResult,
@@ -177,7 +181,7 @@ def direct_engine_replay(
     total_service = sum(sum(v) for v in service.values())
     return {
         "direct_by_tier": {t: latency_stats(xs) for t, xs in direct.items()},
-        "overhead_ratio": {t: (round(s50[t] / p50[t], 3) if s50[t] is not None and p50[t] else None) for t in direct},
+        "overhead_ratio": {t: _ratio(s50[t], p50[t]) for t in direct},
         "service_over_direct": round(total_service / total_direct, 3) if total_direct > 0 else None,
     }
 

@@ -1,9 +1,10 @@
 """Training of the bundled scene model (``nirvana train-model``).
 
 The model is a diffusers ``UNet2DConditionModel`` on pixel-unshuffled 32×32 images (12×16×16 "latents":
-each latent cell is a 2×2 pixel patch), conditioned on MiniLM token states, trained with ε-prediction (v-prediction selectable), a cosine
-noise schedule and 10% classifier-free-guidance dropout. Cross-attention only at 4×4 (and the mid block): on
-2 cores the step time follows attention resolution, and this shape trains at ~1.75 s per batch of 64.
+each latent cell is a 2×2 pixel patch), conditioned on MiniLM token states, trained with ε-prediction
+(v-prediction selectable), a cosine noise schedule and 10% classifier-free-guidance dropout. Cross-attention
+only at 4×4 (and the mid block): on 2 cores the step time follows attention resolution, and this shape trains
+at ~1.75 s per batch of 64.
 
 Why this shape (measured side by side, 150 s of training each, docs/MODEL.md): v0 unshuffled ×4 into 48
 channels and opened with a 64-channel block. Through SiLU an identity map of c channels needs about 2c
