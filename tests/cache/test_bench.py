@@ -62,3 +62,27 @@ def test_codecs_bench_skips_without_bundled_model_and_runs_on_tiny(capsys: pytes
         and rows["fp16"]["bytes_per_state"] < rows["fp32"]["bytes_per_state"]
     )
     assert json.loads(to_json(res))["rows"][0]["image_psnr_db"] is None  # inf → null in JSON
+
+
+def test_embeddings_resume_from_saved_chunks(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from nirvana.bench.index import _embed_cached
+
+    calls: list[int] = []
+
+    class Counting(CharNgramEmbedder):
+        def embed(self, texts: list[str]) -> np.ndarray:
+            calls.append(len(texts))
+            return super().embed(texts)
+
+    texts = [f"prompt number {i}" for i in range(10)]
+    full = _embed_cached(texts, tmp_path, Counting(), chunk=4)
+    assert calls == [4, 4, 2] and full.shape == (10, 384)
+    (next(p for p in tmp_path.glob("emb-*.npy"))).unlink()  # as if interrupted before the final save
+    (sorted((tmp_path / "chunks").glob("*.npy"))[0]).unlink()  # and one chunk never finished
+    calls.clear()
+    again = _embed_cached(texts, tmp_path, Counting(), chunk=4)
+    assert len(calls) == 1 and calls[0] in (2, 4)  # only the missing chunk is embedded
+    np.testing.assert_allclose(again, full)
+    calls.clear()
+    _embed_cached(texts, tmp_path, Counting(), chunk=4)
+    assert calls == []  # whole result cached
