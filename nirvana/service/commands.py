@@ -15,14 +15,14 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 
 keys_app = typer.Typer(no_args_is_help=True, help="API keys (stored hashed in Postgres, each bound to a tenant).")
 
 
-def _err(msg: str) -> None:
+def _err(msg: str) -> NoReturn:
     typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
 
@@ -96,7 +96,6 @@ def keys_create(
     tenant = tenant_arg or tenant
     if not tenant:
         _err("tenant: give it as an argument or --tenant")
-    assert tenant is not None
 
     with _keys_pool(data_dir) as pool:
         typer.echo(create_key(pool, tenant, name=name, role=role))

@@ -163,9 +163,9 @@ def direct_engine_replay(
         assert job is not None
         tier = job["cache"]["tier"]
         start = None
-        if tier == "approximate" and not job["cache"].get("source_job_id"):
-            continue  # source not visible to this key (a shared pool): nothing to replay from
         if tier == "approximate":
+            if not job["cache"].get("source_job_id"):
+                continue  # source not visible to this key (a shared pool): nothing to replay from
             src = clients[o.request.tenant].job(job["cache"]["source_job_id"])
             cap = _replay(engine, src, capture=[int(job["cache"]["k"])])
             start = cap.states[0][0]
@@ -182,7 +182,7 @@ def direct_engine_replay(
     return {
         "direct_by_tier": {t: latency_stats(xs) for t, xs in direct.items()},
         "overhead_ratio": {t: _ratio(s50[t], p50[t]) for t in direct},
-        "service_over_direct": round(total_service / total_direct, 3) if total_direct > 0 else None,
+        "service_over_direct": _ratio(total_service, total_direct),
     }
 
 
