@@ -86,6 +86,10 @@ def train_model_cmd(
     prediction_type: Annotated[
         str, typer.Option(help="training target: epsilon (default, the committed model) or v_prediction")
     ] = "epsilon",
+    arch: Annotated[str, typer.Option(help="UNet shape for a fresh model: v1 or v3 (global text path)")] = "v1",
+    pyramid_discount: Annotated[
+        float, typer.Option(help="multi-resolution training noise, weight discount**i per coarser level (0 = off)")
+    ] = 0.0,
 ) -> None:
     """Train the bundled scene model (≈75 min on 2 cores, alone). Retrain rarely: weights live in git."""
     from nirvana.world.train import train_model
@@ -104,6 +108,8 @@ def train_model_cmd(
         prompts_per_scene=prompts_per_scene,
         ema_decay=ema_decay,
         prediction_type=prediction_type,
+        arch=arch,
+        pyramid_discount=pyramid_discount,
     )
     typer.echo(json.dumps(summary))
 
