@@ -271,6 +271,7 @@ def train_model(
         drop = torch.rand(batch_size, generator=gen) < cfg_dropout
         cond[drop] = uncond.float()
         if pyramid_discount > 0:
+            # Plain noise keeps its own draw below so seeded plain-noise runs (v1) reproduce bit for bit.
             pix_shape = (batch_size, 3, IMAGE_SIZE, IMAGE_SIZE)
             noise = space.encode(pyramid_noise(pix_shape, pyramid_discount, gen))
         else:
