@@ -86,7 +86,9 @@ def train_model_cmd(
     prediction_type: Annotated[
         str, typer.Option(help="training target: epsilon (default, the committed model) or v_prediction")
     ] = "epsilon",
-    arch: Annotated[str, typer.Option(help="UNet shape for a fresh model: v1 or v3 (global text path)")] = "v1",
+    arch: Annotated[
+        str, typer.Option(help="UNet shape for a fresh model: v1, v3 (global text path), v4 (v3 + coordinates)")
+    ] = "v1",
     pyramid_discount: Annotated[
         float, typer.Option(help="multi-resolution training noise, weight discount**i per coarser level (0 = off)")
     ] = 0.0,

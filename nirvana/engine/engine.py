@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from nirvana.engine.latents import coordinate_channels
 from nirvana.engine.loader import ModelComponents
 from nirvana.engine.state import CapturedState, make_model_key
 from nirvana.engine.text import Conditioning
@@ -251,6 +252,12 @@ class DiffusionEngine:
         t_loop = time.perf_counter()
         captured: list[list[CapturedState]] = [[] for _ in range(n)]
         sigmas = getattr(sched, "sigmas", None)
+        rows = 2 * n if cfg else n
+        coords = (
+            coordinate_channels(rows, *lat_shape[1:], device=self.c.device).to(self.c.dtype)
+            if self.c.coord_channels
+            else None
+        )
         for i in range(begin, steps):
             t = timesteps[i]
             if i in capture_set and i > begin:
@@ -269,6 +276,8 @@ class DiffusionEngine:
                     )
             model_in = torch.cat([latents, latents]) if cfg else latents
             model_in = sched.scale_model_input(model_in, t).to(self.c.dtype)
+            if coords is not None:
+                model_in = torch.cat([model_in, coords], dim=1)
             pred = self.c.unet(
                 model_in,
                 t,

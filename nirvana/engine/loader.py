@@ -60,6 +60,8 @@ class ModelComponents:
         checkpoint_id: content identity of the weights (part of every ``model_key``).
         sample_size: default (height, width) in pixels.
         sdxl: the UNet needs SDXL's ``added_cond_kwargs``.
+        coord_channels: 0, or 2 when the UNet takes ``coordinate_channels`` after the latent (in_channels =
+            latent channels + 2); states and resumption only ever see the latent.
     """
 
     ref: str
@@ -73,6 +75,7 @@ class ModelComponents:
     device: torch.device
     dtype: torch.dtype
     sdxl: bool = False
+    coord_channels: int = 0
 
     @property
     def scheduler_family(self) -> str:
@@ -174,17 +177,25 @@ def _load_bundled(path: Path, ref: str, dev: torch.device, dt: torch.dtype) -> M
     unet = UNet2DConditionModel.from_pretrained(str(path / "unet"), torch_dtype=dt).to(dev).eval()
     sched = DDIMScheduler.from_pretrained(str(path / "scheduler"))
     size = int(meta["image_size"])
+    space = PixelUnshuffleSpace(int(meta["factor"]))
+    coords = int(meta.get("coord_channels", 0))
+    if coords not in (0, 2) or unet.config.in_channels != space.channels + coords:
+        raise ValueError(
+            f"bundled model in {path}: unet in_channels={unet.config.in_channels} does not match "
+            f"{space.channels} latent channels + coord_channels={coords} (0 or 2)"
+        )
     return ModelComponents(
         ref=ref,
         checkpoint_id=checkpoint_identity(path),
         unet=unet,
         scheduler=sched,
         encoder=MiniLMTokenEncoder(max_length=int(meta["max_length"]), device=dev),
-        space=PixelUnshuffleSpace(int(meta["factor"])),
+        space=space,
         sample_size=(size, size),
         default_guidance=float(meta.get("default_guidance", 3.0)),
         device=dev,
         dtype=dt,
+        coord_channels=coords,
     )
 
 

@@ -23,7 +23,9 @@ def test_unet_config_rejects_unknown_arch() -> None:
         unet_config("v9")
 
 
-@pytest.mark.parametrize(("prediction_type", "arch", "pyramid"), [("v_prediction", "v1", 0.0), ("epsilon", "v3", 0.8)])
+@pytest.mark.parametrize(
+    ("prediction_type", "arch", "pyramid"), [("v_prediction", "v1", 0.0), ("epsilon", "v3", 0.8), ("epsilon", "v4", 0.8)]
+)
 def test_few_steps_give_a_loadable_pipeline(tmp_path: Path, prediction_type: str, arch: str, pyramid: float) -> None:
     out = tmp_path / "model"
     summary = train_model(
@@ -47,10 +49,15 @@ def test_few_steps_give_a_loadable_pipeline(tmp_path: Path, prediction_type: str
     engine = DiffusionEngine(load_model(str(out), device="cpu"))
     assert engine.c.scheduler.config.prediction_type == prediction_type
     # v3's global text path is part of the saved config, so the engine's plain loader rebuilds it.
-    assert (engine.c.unet.config.addition_embed_type == "text") == (arch == "v3")
-    res = engine.generate(["a small blue square on a black background"], seeds=[0], steps=4)
+    assert (engine.c.unet.config.addition_embed_type == "text") == (arch in ("v3", "v4"))
+    # v4's coordinate channels are declared in model_index.json and appended by the engine, not stored in states.
+    assert engine.c.coord_channels == (2 if arch == "v4" else 0)
+    res = engine.generate(["a small blue square on a black background"], seeds=[0], steps=4, capture=[2])
     assert res.images.shape == (1, 3, 32, 32)
     assert torch.isfinite(res.images).all()
+    assert res.states[0][0].latent.shape == (12, 16, 16)
+    resumed = engine.generate(["a small blue square on a black background"], seeds=[0], start=res.states[0][0], steps=4)
+    assert resumed.steps_run == 2
 
 
 def test_pyramid_noise_has_unit_variance_and_low_frequency_energy() -> None:
