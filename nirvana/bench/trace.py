@@ -549,6 +549,8 @@ class PolicySpec:
         image_budget_fraction: ``ours`` only: share of the budget exact-tier images keep when eviction runs
             (None: no cap, images leave with their prompt); the default is the service's
             (``NIRVANA_CACHE_IMAGE_BUDGET_FRACTION``).
+        floor: ``ours`` only: states kept per prompt while unprotected ones remain (``min_states_per_prompt``).
+        floor_keeps: ``ours`` only: ``low_k`` or ``high_k``, which states the floor keeps on ties.
     """
 
     name: str
@@ -562,6 +564,8 @@ class PolicySpec:
     table: str = "paper"
     note: str = ""
     image_budget_fraction: float | None = DEFAULT_IMAGE_BUDGET_FRACTION
+    floor: int = 2
+    floor_keeps: str = "low_k"
 
     def k_policy(self) -> Any:
         from nirvana.cache.policy import KPolicy
@@ -573,7 +577,12 @@ class PolicySpec:
 
         if self.eviction == "paper":
             return PaperLCBFU(admit_hits=self.admit_hits)
-        return make_policy(self.eviction, min_states_per_prompt=2, image_budget_fraction=self.image_budget_fraction)
+        return make_policy(
+            self.eviction,
+            min_states_per_prompt=self.floor,
+            image_budget_fraction=self.image_budget_fraction,
+            floor_keeps=self.floor_keeps,
+        )
 
 
 def calibrated_table_path() -> Path:
@@ -617,6 +626,18 @@ def default_specs(
             )
         )  # fmt: skip
     return specs
+
+
+def ablation_specs(image_budget_fraction: float | None = DEFAULT_IMAGE_BUDGET_FRACTION) -> list[PolicySpec]:
+    """Variants of ``ours``'s per-prompt floor, replayed only when named in ``--policies``."""
+    ours = next(s for s in default_specs(None, image_budget_fraction) if s.name == "ours")
+    return [
+        replace(ours, name="ours_floor2_high", floor=2, floor_keeps="high_k",
+                note="ours, the floor keeps a prompt's two highest-k states on ties"),
+        replace(ours, name="ours_floor1_high", floor=1, floor_keeps="high_k",
+                note="ours, the floor keeps a prompt's highest-k state on ties"),
+        replace(ours, name="ours_floor0", floor=0, note="ours without a per-prompt floor"),
+    ]  # fmt: skip
 
 
 class _GivenEmbeddings:
@@ -975,9 +996,10 @@ def run_trace_bench(
         raise ValueError(f"image_budget_fraction must be in [0, 1], got {image_budget_fraction}")
     if not 1 <= jobs <= 16:
         raise ValueError(f"jobs must be in 1..16, got {jobs}")
-    all_specs = {s.name: s for s in default_specs(calibrated, image_budget_fraction)}
+    defaults = default_specs(calibrated, image_budget_fraction)
+    all_specs = {s.name: s for s in [*defaults, *ablation_specs(image_budget_fraction)]}
     notes: list[str] = []
-    wanted = list(policies) if policies else list(all_specs)
+    wanted = list(policies) if policies else [s.name for s in defaults]
     if "ours_calibrated" in wanted and "ours_calibrated" not in all_specs:
         notes.append(f"ours_calibrated skipped: no calibrated table at {calibrated or calibrated_table_path()}")
         wanted.remove("ours_calibrated")

@@ -81,6 +81,19 @@ def test_ours_min_states_floor_and_whole_prompt_phase() -> None:
     assert set(out[6:]) == {10, 11}
 
 
+def test_floor_keeps_high_k_on_ties() -> None:
+    low, high = (OursPolicy(half_life_s=1e6, min_states_per_prompt=2, floor_keeps=f) for f in ("low_k", "high_k"))
+    ms = [meta(j, 1, k) for j, k in enumerate((5, 10, 15, 20, 25))]
+    for m in ms:
+        low.on_put(m, 0.0)
+    # Phase 1 evicts the unprotected states, so what is left is what each floor keeps.
+    assert {m.k for m in ms if m.id not in low.evict_candidates(ms, 300, 1.0)} == {5, 10}
+    assert {m.k for m in ms if m.id not in high.evict_candidates(ms, 300, 1.0)} == {20, 25}
+    # A use still outranks k: the hit k=10 state is kept by the high-k floor, with k=25.
+    high.on_hit(ms[1], 1.0)
+    assert {m.k for m in ms if m.id not in high.evict_candidates(ms, 300, 1.0)} == {10, 25}
+
+
 def test_lru_lfu_fifo() -> None:
     ms = [meta(1, 1, 5), meta(2, 2, 5), meta(3, 3, 5)]
     pols = {n: make_policy(n) for n in ("lru", "lfu", "fifo")}
@@ -113,6 +126,8 @@ def test_bad_arguments() -> None:
     with pytest.raises(ValueError, match="min_states_per_prompt"):
         make_policy("ours", min_states_per_prompt=-1)
     assert make_policy("lru", min_states_per_prompt=3).min_states_per_prompt == 0
+    with pytest.raises(ValueError, match="floor_keeps"):
+        make_policy("ours", floor_keeps="middle")
 
 
 # ---------------------------------------------------------------------- SQL agreement
@@ -194,14 +209,17 @@ def test_sql_order_matches_python(pg_url: str, name: str) -> None:
     assert sql_order == py_order
 
 
-@pytest.mark.parametrize("name", ["paper", "ours", "lru"])
+@pytest.mark.parametrize("name", ["paper", "ours", "lru", "ours_high_k"])
 @pytest.mark.parametrize("keep_fraction", [0.6, 0.2, 0.0])
 def test_sql_eviction_matches_python(pg_url: str, name: str, keep_fraction: float) -> None:
     from psycopg_pool import ConnectionPool
 
     rng = np.random.default_rng(11)
     metas = _random_metas(rng, 150, 40)
-    pol = make_policy(name, half_life_s=300.0, min_states_per_prompt=2)
+    if name == "ours_high_k":
+        pol = make_policy("ours", half_life_s=300.0, min_states_per_prompt=2, floor_keeps="high_k")
+    else:
+        pol = make_policy(name, half_life_s=300.0, min_states_per_prompt=2)
     now = 1500.0
     total = sum(m.bytes for m in metas)
     budget = int(total * keep_fraction)
