@@ -51,7 +51,7 @@ class Settings(BaseSettings):
     # Cache
     cache_policy: Literal["ours", "paper", "lru", "lfu", "fifo"] = "ours"
     cache_budget_bytes: int = Field(2 * 1024**3, ge=0)
-    cache_min_states_per_prompt: int = Field(2, ge=0, le=10)
+    cache_min_states_per_prompt: int = Field(0, ge=0, le=10)  # see eviction.DEFAULT_MIN_STATES_PER_PROMPT
     cache_codec: Literal["fp32", "fp16", "fp16-zstd", "int8-zstd"] = "fp16-zstd"
     cache_policy_table: Path | None = None
     cache_ef_search: int = Field(100, ge=1, le=1000)

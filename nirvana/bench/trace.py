@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from nirvana.cache.eviction import DEFAULT_IMAGE_BUDGET_FRACTION
+from nirvana.cache.eviction import DEFAULT_IMAGE_BUDGET_FRACTION, DEFAULT_MIN_STATES_PER_PROMPT
 
 log = logging.getLogger(__name__)
 
@@ -564,7 +564,7 @@ class PolicySpec:
     table: str = "paper"
     note: str = ""
     image_budget_fraction: float | None = DEFAULT_IMAGE_BUDGET_FRACTION
-    floor: int = 2
+    floor: int = DEFAULT_MIN_STATES_PER_PROMPT
     floor_keeps: str = "low_k"
 
     def k_policy(self) -> Any:
@@ -602,7 +602,7 @@ def default_specs(
                    note="LCBFU, fp32, new entry only after a miss (the public re-implementation)"),
         PolicySpec("ours", "ours", codec="fp16-zstd", exact_tier=True, gate=True,
                    image_budget_fraction=image_budget_fraction,
-                   note=f"k-weighted LRFU, floor 2/prompt, admission s>=0.99, fp16-zstd, exact tier (PNG, {cap}), "
+                   note=f"k-weighted LRFU, no per-prompt floor, admission s>=0.99, fp16-zstd, exact tier (PNG, {cap}), "
                         "gate"),
         PolicySpec("ours_nocap", "ours", codec="fp16-zstd", exact_tier=True, gate=True, image_budget_fraction=None,
                    note="ours without the image cap (an image leaves only with its prompt's last state)"),
@@ -632,11 +632,12 @@ def ablation_specs(image_budget_fraction: float | None = DEFAULT_IMAGE_BUDGET_FR
     """Variants of ``ours``'s per-prompt floor, replayed only when named in ``--policies``."""
     ours = next(s for s in default_specs(None, image_budget_fraction) if s.name == "ours")
     return [
+        replace(ours, name="ours_floor2", floor=2, floor_keeps="low_k",
+                note="ours with a floor of 2 states per prompt, lowest k on ties (the default before session 5)"),
         replace(ours, name="ours_floor2_high", floor=2, floor_keeps="high_k",
                 note="ours, the floor keeps a prompt's two highest-k states on ties"),
         replace(ours, name="ours_floor1_high", floor=1, floor_keeps="high_k",
                 note="ours, the floor keeps a prompt's highest-k state on ties"),
-        replace(ours, name="ours_floor0", floor=0, note="ours without a per-prompt floor"),
     ]  # fmt: skip
 
 

@@ -33,7 +33,12 @@ from typing import Any, Literal
 import numpy as np
 
 from nirvana.cache.embedder import Embedder, MiniLMEmbedder, normalize
-from nirvana.cache.eviction import DEFAULT_IMAGE_BUDGET_FRACTION, EvictionPolicy, make_policy
+from nirvana.cache.eviction import (
+    DEFAULT_IMAGE_BUDGET_FRACTION,
+    DEFAULT_MIN_STATES_PER_PROMPT,
+    EvictionPolicy,
+    make_policy,
+)
 from nirvana.cache.gate import GateModel, NoveltyGate
 from nirvana.cache.index import CacheIndex, NewImage, NewPrompt, NewState, Space, configure_connection
 from nirvana.cache.policy import KPolicy
@@ -166,7 +171,7 @@ class ApproximateCache:
         eviction: str | EvictionPolicy = "ours",
         gate: NoveltyGate | None = None,
         budget_bytes: int = 2 * 1024**3,
-        min_states_per_prompt: int = 2,
+        min_states_per_prompt: int = DEFAULT_MIN_STATES_PER_PROMPT,
         codec: str = "fp16-zstd",
         ef_search: int = 100,
         exact_tier: bool = True,

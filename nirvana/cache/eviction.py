@@ -47,6 +47,10 @@ _TINY = 1e-300
 # Share of the byte budget the exact tier's images may keep under ``ours`` (NIRVANA_CACHE_IMAGE_BUDGET_FRACTION).
 DEFAULT_IMAGE_BUDGET_FRACTION = 0.1
 FLOOR_KEEPS = ("low_k", "high_k")
+# States per prompt ``ours`` protects (NIRVANA_CACHE_MIN_STATES_PER_PROMPT). 0 since session 5: on the dreambot
+# trace (1,800 requests) a floor of 2 saved 0.063 of steps at a 100-prompt budget, none 0.084 (LRU 0.093), and
+# never less at larger budgets (docs/BENCHMARKS.md): kept lowest-k states serve many hits at few steps each.
+DEFAULT_MIN_STATES_PER_PROMPT = 0
 
 
 @dataclass
@@ -297,7 +301,7 @@ class OursPolicy(EvictionPolicy):
         self,
         half_life_s: float = 6 * 3600.0,
         insert_credit: float = 1.0,
-        min_states_per_prompt: int = 2,
+        min_states_per_prompt: int = DEFAULT_MIN_STATES_PER_PROMPT,
         dedup_similarity: float = 0.99,
         image_budget_fraction: float | None = DEFAULT_IMAGE_BUDGET_FRACTION,
         floor_keeps: str = "low_k",
