@@ -22,6 +22,7 @@ def test_bundled_is_a_diffusers_folder_loaded_by_path(engine: DiffusionEngine) -
     same = DiffusionEngine(load_model(str(bundled_model_dir()), device="cpu"))
     assert same.model_key() == engine.model_key()
     assert engine.model_key().startswith("scenes-32-32x32-ddim-")
+    assert engine.c.coord_channels == 2 and engine.c.default_guidance == 1.25
     size = sum(p.stat().st_size for p in bundled_model_dir().rglob("*.safetensors"))
     assert size <= 20 * 1024 * 1024
 
@@ -33,16 +34,11 @@ def test_bundled_resume_exact(engine: DiffusionEngine) -> None:
     assert (res.images - full.images).abs().max() <= 1e-5
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bundled model v1 follows shape/colour/size (~0.9 each) but not background/position (0.41/0.33): "
-    "held-out adherence 0.07 (docs/MODEL.md, issue 3). strict: once a retrained model passes, this marker must go.",
-)
 def test_bundled_model_follows_prompts(engine: DiffusionEngine) -> None:
     rng = random.Random(123)
     held = rng.sample(split_scenes()[1], 16)
     prompts = [write_prompt(s, rng) for s in held]
     out = engine.generate(prompts, seeds=list(range(16)), steps=50)
     res = ProbeMetrics(bundled_probe_dir()).adherence(out.images, list(held))
-    # A regression guard well below the measured held-out adherence (see docs/BENCHMARKS.md).
+    # A regression guard well below the measured held-out adherence (v4: 0.875 on all 128, docs/MODEL.md).
     assert res["adherence"] >= 0.6, res

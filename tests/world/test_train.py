@@ -24,7 +24,8 @@ def test_unet_config_rejects_unknown_arch() -> None:
 
 
 @pytest.mark.parametrize(
-    ("prediction_type", "arch", "pyramid"), [("v_prediction", "v1", 0.0), ("epsilon", "v3", 0.8), ("epsilon", "v4", 0.8)]
+    ("prediction_type", "arch", "pyramid"),
+    [("v_prediction", "v1", 0.0), ("epsilon", "v3", 0.8), ("epsilon", "v4", 0.8)],
 )
 def test_few_steps_give_a_loadable_pipeline(tmp_path: Path, prediction_type: str, arch: str, pyramid: float) -> None:
     out = tmp_path / "model"
