@@ -1,10 +1,16 @@
 """``nirvana calibrate``: fit the similarity → K table to a quality target for one model.
 
-For each similarity bucket of the K × similarity table (``nirvana.world.evaluate.k_similarity_table``), pick the
+For each similarity bucket of the K × similarity table (``nirvana.world.evaluate.k_similarity_table``), the
 largest K whose hits keep at least ``target`` × the full-generation adherence of the *same* pairs, judged by a
-one-sided Wilson lower bound (so a bucket with few pairs cannot claim a large K by luck). Then K is made
-non-increasing as similarity falls (the conservative direction: a noisy high bucket caps the buckets below it),
-and equal neighbours merge into one rule. The result is a policy file ``KPolicy.from_file`` loads.
+one-sided Wilson lower bound (few pairs cannot claim a large K by luck). Assumption: resuming from a more similar
+prompt's state is never worse, so K never falls as similarity rises — a bucket without enough evidence keeps what
+the buckets below earned — and a bucket whose own pairs show failure at K (even their Wilson upper bound misses
+the target) caps itself and every less similar bucket below K. Equal neighbours merge into one rule; the result
+is a policy file ``KPolicy.from_file`` loads.
+
+Why not cap from above only (before session 5): on the bundled model's table the top buckets hold 1 and 6 of 240
+pairs and a 12-pair bucket is noisy; each had "no K", which capped every bucket below at K = 0, although the 209
+pairs below 0.80 support K = 20.
 """
 
 from __future__ import annotations
@@ -49,17 +55,22 @@ def fit_policy(
     if ks[0] != 0:
         raise ValueError("table: first column must be K=0 (full generation)")
     edges: list[float] = table["bucket_edges"]
+    counts, adh = table["counts"], table["adherence"]
     decisions = []
     for b in range(len(edges) - 1):
-        n = table["counts"][b][0]
-        full = table["adherence"][b][0] or 0.0
-        best, bounds = 0, {}
+        n = counts[b][0]
+        full = adh[b][0] or 0.0
+        best, bounds, veto = 0, {}, None
         for c, k in enumerate(ks[1:], start=1):
-            a = table["adherence"][b][c]
+            a = adh[b][c]
             lb = wilson_lower((a or 0.0) * n, n)
             bounds[k] = round(lb, 3)
             if n >= min_count and a is not None and lb >= target * full:
                 best = max(best, k)
+            # Evidence of failure: even the upper bound of the bucket's own adherence misses the target.
+            ub = 1.0 - wilson_lower((1.0 - (a or 0.0)) * n, n)
+            if veto is None and n >= min_count and a is not None and ub < target * full:
+                veto = k
         decisions.append(
             {
                 "bucket": [edges[b], min(edges[b + 1], 1.0)],
@@ -67,14 +78,23 @@ def fit_policy(
                 "full": full,
                 "lower_bounds": bounds,
                 "k_raw": best,
+                "veto_from_k": veto,
             }
         )
-    # Non-increasing K as similarity falls; walk from the highest bucket down.
-    cap = None
+    # A more similar source is never worse: K never falls as similarity rises, so a bucket without enough
+    # evidence (few or noisy pairs) keeps what the buckets below earned ...
+    floor_k = 0
+    for d in decisions:
+        floor_k = max(floor_k, d["k_raw"])
+        d["k"] = floor_k
+    # ... and a bucket shown to fail at K (veto) caps itself and every less similar bucket below K.
+    cap: int | None = None
     for d in reversed(decisions):
-        k = d["k_raw"] if cap is None else min(d["k_raw"], cap)
-        d["k"] = k
-        cap = k
+        if d["veto_from_k"] is not None:
+            below = max([kk for kk in ks[1:] if kk < d["veto_from_k"]], default=0)
+            cap = below if cap is None else min(cap, below)
+        if cap is not None:
+            d["k"] = min(d["k"], cap)
     rules: list[dict[str, Any]] = []
     for d in reversed(decisions):
         if d["k"] <= 0:

@@ -68,6 +68,24 @@ def test_fit_policy_is_monotone_merged_and_conservative() -> None:
         fit_policy(_table(rows), target=1.5)
 
 
+def test_fit_policy_inherits_from_below_where_evidence_is_thin() -> None:
+    # The bundled model's shape of table: well-populated low buckets support K=20, the top buckets have few
+    # pairs, one mid bucket is noisy. Before session 5 the thin top buckets capped everything at K=0.
+    rows = [[0.8, 0.8, 0.8, 0.8, 0.82, 0.7] for _ in range(len(SIM_BUCKETS) - 1)]
+    rows[4] = [0.75, 0.75, 0.75, 0.67, 0.67, 0.67]  # noisy, but not shown to fail
+    table = _table(rows, n=200)
+    table["counts"][4] = [12] * 6
+    table["counts"][5] = [6] * 6
+    table["counts"][6] = [1] * 6
+    policy, decisions = fit_policy(table, target=0.97)
+    assert [d["k"] for d in decisions] == [20] * 7
+    assert policy["rules"] == [{"min_similarity": 0.0, "k": 20}]
+    # A bucket whose own pairs show failure (upper bound below target) caps itself and those below.
+    table["adherence"][3] = [0.8, 0.8, 0.8, 0.3, 0.3, 0.3]
+    _, decisions = fit_policy(table, target=0.97)
+    assert [d["k"] for d in decisions] == [10, 10, 10, 10, 20, 20, 20]
+
+
 @pytest.fixture(scope="module")
 def bundled() -> Any:
     from nirvana.config import bundled_probe_dir
