@@ -94,6 +94,9 @@ def bench_trace_cmd(
     database_url: Annotated[str | None, typer.Option(help="server for the fresh databases (default: embedded)")] = None,
     cache_dir: Annotated[Path | None, typer.Option(help="embedding cache (default <data_dir>/bench/trace-emb)")] = None,
     out: Annotated[Path, typer.Option(help="report directory")] = Path("out/bench"),
+    resume: Annotated[
+        bool, typer.Option("--resume", help="reuse finished replays of an interrupted run (<out>/trace.partial.jsonl)")
+    ] = False,
     json_out: Annotated[bool, typer.Option("--json", help="last line: one JSON object")] = False,
 ) -> None:
     """Replay the dreambot trace through the real cache path (cost model instead of rendering); compare policies
@@ -126,7 +129,8 @@ def bench_trace_cmd(
         raise typer.BadParameter(f"--sweep-budgets must be comma-separated integers, got {sweep_budgets!r}") from None
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / "trace.partial.jsonl"  # one line per finished replay (progress; partial results if interrupted)
-    ckpt.unlink(missing_ok=True)
+    if not resume:
+        ckpt.unlink(missing_ok=True)
     try:
         res = run_trace_bench(
             files,
@@ -145,6 +149,7 @@ def bench_trace_cmd(
             step_cost_s=step_cost_s,
             jobs=jobs,
             checkpoint=ckpt,
+            resume=resume,
         )
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None

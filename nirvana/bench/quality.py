@@ -7,6 +7,8 @@ On the bundled model and probe, for (cached prompt, new prompt) pairs drawn like
 * ``paper``          — resume from the cached prompt's state at the paper's K (largest stored k ≤ K);
 * ``calibrated``     — the same with the calibrated table for this model;
 * ``fewer_steps``    — no cache, N − K steps from scratch (matched compute to ``paper``);
+* ``fewer_steps_calibrated`` — the same, matched to ``calibrated``'s K (is the borrowed state worth more than
+  simply running fewer steps?);
 * ``retrieval_only`` — return the cached prompt's final image whenever ``paper`` would hit (PINECONE/GPTCache);
 * ``codec:<name>``   — ``paper`` with each stored-latent codec's decoded state.
 """
@@ -171,6 +173,8 @@ def run_quality(
         cal_imgs, _ = qb.resumed(ks_cal)
         res["calibrated"] = {**qb.score(cal_imgs, ks_cal), "table": calibrated.to_dict()}
     res["fewer_steps"] = qb.score(qb.fewer_steps(ks_paper), ks_paper)
+    if calibrated is not None:
+        res["fewer_steps_calibrated"] = qb.score(qb.fewer_steps(ks_cal), ks_cal)
     res["retrieval_only"] = qb.score(qb.retrieval_only(ks_paper), [steps if k > 0 else 0 for k in ks_paper])
     n_hits = max(1, sum(k > 0 for k in ks_paper))
     res["codecs"] = {}
@@ -181,7 +185,7 @@ def run_quality(
     return res
 
 
-ROWS = ("full", "paper", "calibrated", "fewer_steps", "retrieval_only")
+ROWS = ("full", "paper", "calibrated", "fewer_steps", "fewer_steps_calibrated", "retrieval_only")
 
 
 def quality_markdown(res: dict[str, Any], plot: Path | None) -> str:

@@ -39,7 +39,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -977,12 +977,16 @@ def run_trace_bench(
     jobs: int = 1,
     verbose: bool = True,
     checkpoint: Path | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Replay the trace for every policy at ``budget_prompts`` and sweep the budgets; returns a JSON-able dict.
 
     ``limit`` caps requests per trace file for the headline run, ``sweep_limit`` (default: ``limit``) for the
     sweep; an empty ``sweep_budgets`` skips the sweep. ``jobs`` > 1 replays policies in parallel (forked
-    processes, one database each, same server). ``checkpoint``, if given, gets one JSON line per finished replay.
+    processes, one database each, same server). ``checkpoint``, if given, gets one JSON line per finished replay,
+    stamped with a fingerprint of everything the replay's result depends on (:func:`replay_fingerprint`);
+    ``resume`` takes the rows of ``checkpoint`` whose fingerprint matches instead of replaying them again (a
+    full-trace run takes hours: an interrupted one continues where it stopped).
 
     Raises:
         ValueError: bad sizes, budgets or policy names.
@@ -1063,13 +1067,26 @@ def run_trace_bench(
         for p in sweep_wanted:
             bs = {b * unit for b in sweep_budgets} if all_specs[p].bounded else {budget}
             need.setdefault((sweep_ds, p), set()).update(bs)
-    todo = [(ds, p, tuple(sorted(bs))) for (ds, p), bs in need.items()]
+    data = {"head": (reqs, emb), "sweep": (sweep_reqs, sweep_emb)}
+    common = {"sizes": sizes.bytes_per_latent_pixel, "image_bytes_per_pixel": image_bytes_per_pixel,
+              "step_cost_s": cost, "space": embedder.space}  # fmt: skip
+    fps = {(ds, p): replay_fingerprint(data[ds][0], all_specs[p], common) for (ds, p) in need}
+    results: dict[tuple[str, str, int], dict[str, Any]] = {}
+    if resume and checkpoint is not None:
+        done = _load_checkpoint(checkpoint, fps)
+        for (ds, p, b), row in done.items():
+            if b in need[(ds, p)]:
+                results[(ds, p, b)] = row
+                need[(ds, p)].discard(b)
+        if verbose:
+            log.info("resumed %d replays from %s", len(results), checkpoint)
+    todo = [(ds, p, tuple(sorted(bs))) for (ds, p), bs in need.items() if bs]
     # The headline first (what the JSON's "policies" need), then the sweep, longest tasks first.
     todo.sort(key=lambda t: (t[0] != "head", -len(reqs if t[0] == "head" else sweep_reqs) * len(t[2])))
     server = _Server(database_url)
     _SHARED.clear()
     _SHARED.update(
-        data={"head": (reqs, emb), "sweep": (sweep_reqs, sweep_emb)},
+        data=data,
         specs=all_specs,
         server=server,
         sizes=sizes,
@@ -1077,17 +1094,16 @@ def run_trace_bench(
         step_cost=cost,
         verbose=verbose,
     )
-    results: dict[tuple[str, str, int], dict[str, Any]] = {}
     try:
         if jobs > 1 and len(todo) > 1:
             import multiprocessing as mp
 
             with mp.get_context("fork").Pool(min(jobs, len(todo))) as pool:
                 for rows in pool.imap_unordered(_run_task, todo):
-                    _collect(rows, results, checkpoint)
+                    _collect(rows, results, checkpoint, fps)
         else:
             for t in todo:
-                _collect(_run_task(t), results, checkpoint)
+                _collect(_run_task(t), results, checkpoint, fps)
     finally:
         _SHARED.clear()
         server.close()
@@ -1147,18 +1163,57 @@ def run_trace_bench(
     }
 
 
+def replay_fingerprint(reqs: Sequence[TraceRequest], spec: PolicySpec, common: dict[str, Any]) -> str:
+    """A hash of everything one replay's row depends on except the budget: the requests (in order, with their
+    clock), the policy's settings (and its K table's content), the size and cost models and the embedding space.
+
+    Two runs with equal fingerprints replay identically at equal budgets (the replay is deterministic), which is
+    what makes a checkpointed row safe to reuse.
+    """
+    import json
+
+    h = hashlib.blake2b(digest_size=16)
+    h.update(json.dumps({"spec": asdict(spec), **common}, sort_keys=True, default=str).encode())
+    if spec.table != "paper":
+        h.update(Path(spec.table).read_bytes())
+    for r in reqs:
+        h.update(repr(r).encode("utf-8", "surrogatepass"))
+    return h.hexdigest()
+
+
+def _load_checkpoint(path: Path, fps: dict[tuple[str, str], str]) -> dict[tuple[str, str, int], dict[str, Any]]:
+    """Rows of a checkpoint file whose fingerprint matches this run's (others, and unreadable lines, skipped)."""
+    import json
+
+    out: dict[tuple[str, str, int], dict[str, Any]] = {}
+    if not path.exists():
+        return out
+    with open(path) as fh:
+        for line in fh:
+            try:
+                rec = json.loads(line)
+                key = (rec["dataset"], rec["policy"])
+                if fps.get(key) == rec.get("fingerprint"):
+                    out[(*key, int(rec["budget_bytes"]))] = rec["row"]
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut short by an interrupted write
+    return out
+
+
 def _collect(
     rows: list[tuple[str, str, int, dict[str, Any]]],
     results: dict[tuple[str, str, int], dict[str, Any]],
     checkpoint: Path | None,
+    fps: dict[tuple[str, str], str],
 ) -> None:
     import json
 
     for ds, name, b, row in rows:
         results[(ds, name, b)] = row
         if checkpoint is not None:
+            rec = {"dataset": ds, "policy": name, "budget_bytes": b, "fingerprint": fps[(ds, name)], "row": row}
             with open(checkpoint, "a") as fh:
-                fh.write(json.dumps({"dataset": ds, "policy": name, "budget_bytes": b, "row": row}) + "\n")
+                fh.write(json.dumps(rec) + "\n")
 
 
 def _brief(row: dict[str, Any]) -> dict[str, Any]:

@@ -137,4 +137,5 @@ def test_quality_rows_on_the_same_pairs(bundled: Any) -> None:
     assert res["full"]["steps_saved_fraction"] == 0
     assert res["calibrated"]["steps_saved_fraction"] == pytest.approx(0.5)  # every pair resumed at K=5 of 10
     assert res["fewer_steps"]["steps_saved_fraction"] == res["paper"]["steps_saved_fraction"]  # matched compute
+    assert res["fewer_steps_calibrated"]["steps_saved_fraction"] == res["calibrated"]["steps_saved_fraction"]
     assert 0 < res["codecs"]["fp16"]["bytes_per_state"] < 4 * 12 * 16 * 16

@@ -284,3 +284,55 @@ def test_cli_smoke(tmp_path: Path, pg_server: EmbeddedPostgres) -> None:
     assert "## Headline" in md and "## Budget sweep" in md and "![steps saved vs budget](trace.png)" in md
     bad = CliRunner().invoke(app, ["bench", "trace", "--trace", str(tmp_path / "missing.csv.gz")])
     assert bad.exit_code != 0
+
+
+class _HashEmbedder:
+    """Deterministic unit vectors from a hash of the text: enough to drive replays without MiniLM."""
+
+    space = "test-hash"
+    dim = 384
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        out = np.stack([np.random.default_rng(int.from_bytes(_key(t)[:8], "little")).normal(size=self.dim)
+                        for t in texts]) if texts else np.zeros((0, self.dim))  # fmt: skip
+        return (out / np.linalg.norm(out, axis=1, keepdims=True)).astype(np.float32) if texts else out
+
+
+def test_resume_reuses_only_replays_with_a_matching_fingerprint(
+    tmp_path: Path, pg_server: EmbeddedPostgres, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import nirvana.bench.trace as trace_mod
+
+    base = ["a castle", "a castle", "a red fox", "a castle", "a red fox in snow"]
+    trace = _write_trace(tmp_path / "t.trace.csv.gz", [_row(i, base[i % 5], seed=i % 3) for i in range(40)])
+    ckpt = tmp_path / "ck.jsonl"
+    kw: dict[str, Any] = dict(budget_prompts=5, policies=["paper", "lru"], sweep_budgets=(), verbose=False,
+                              database_url=pg_server.url(), cache_dir=tmp_path / "emb", embedder=_HashEmbedder(),
+                              checkpoint=ckpt)  # fmt: skip
+    calls: list[str] = []
+    real_replay = trace_mod.replay
+
+    def counting(*a: Any, **k: Any) -> dict[str, Any]:
+        calls.append(a[3].name)
+        return real_replay(*a, **k)
+
+    monkeypatch.setattr(trace_mod, "replay", counting)
+    first = trace_mod.run_trace_bench([trace], **kw)
+    assert sorted(calls) == ["lru", "paper"] and len(ckpt.read_text().splitlines()) == 2
+    with open(ckpt, "a") as fh:
+        fh.write('{"dataset": "head", "policy": "paper", "budg')  # a line cut short by an interrupted write
+
+    calls.clear()
+    again = trace_mod.run_trace_bench([trace], resume=True, **kw)
+    assert calls == []  # both rows came from the checkpoint
+    for name in ("paper", "lru"):
+        assert again["policies"][name] == first["policies"][name]
+
+    # A different size model changes the fingerprint: nothing is reused, both are replayed.
+    calls.clear()
+    trace_mod.run_trace_bench([trace], resume=True, **{**kw, "image_bytes_per_pixel": 3.0})
+    assert sorted(calls) == ["lru", "paper"]
+    # Without resume the checkpoint's rows are never read.
+    calls.clear()
+    trace_mod.run_trace_bench([trace], **kw)
+    assert sorted(calls) == ["lru", "paper"]
