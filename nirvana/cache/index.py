@@ -412,30 +412,43 @@ class CacheIndex:
         ).fetchone()
         assert row is not None
         pid = int(row[0])
-        own_ks = set()
-        for s in states:
-            blob_id = CacheIndex._insert_blob(conn, "state", s.uri, s.codec, s.bytes, s.checksum, space)
-            conn.execute(
-                "INSERT INTO cache_states (prompt_id, blob_id, k, num_steps, timestep, sigma, "
-                "scheduler_family, "
-                "shape, dhits, dhits_ts, created_ts, last_used_ts) "
-                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                (
-                    pid,
-                    blob_id,
-                    s.k,
-                    s.num_steps,
-                    s.timestep,
-                    s.sigma,
-                    s.scheduler_family,
-                    s.shape,
-                    policy.insert_credit,
-                    now,
-                    now,
-                    now,
-                ),
-            )
-            own_ks.add(s.k)
+        # One statement per state inserts its blob and its row (a data-modifying CTE), and executemany sends
+        # them all in one pipeline: one round trip for the five states of a generation instead of ten.
+        own_ks = {s.k for s in states}
+        if states:
+            with conn.cursor() as cur:
+                cur.executemany(
+                    "WITH b AS (INSERT INTO cache_blobs (kind, uri, codec, bytes, checksum, model_key, tenant) "
+                    "VALUES ('state', %s, %s, %s, %s, %s, %s) ON CONFLICT (uri) DO UPDATE SET codec = EXCLUDED.codec, "
+                    "bytes = EXCLUDED.bytes, checksum = EXCLUDED.checksum RETURNING id) "
+                    "INSERT INTO cache_states (prompt_id, blob_id, k, num_steps, timestep, sigma, scheduler_family, "
+                    "shape, dhits, dhits_ts, created_ts, last_used_ts) "
+                    "SELECT %s::bigint, b.id, %s::integer, %s::integer, %s::double precision, "
+                    "%s::double precision, %s::text, %s::integer[], %s::double precision, %s::double precision, "
+                    "%s::double precision, %s::double precision FROM b",
+                    [
+                        (
+                            s.uri,
+                            s.codec,
+                            s.bytes,
+                            s.checksum,
+                            space.model_key,
+                            space.tenant,
+                            pid,
+                            s.k,
+                            s.num_steps,
+                            s.timestep,
+                            s.sigma,
+                            s.scheduler_family,
+                            s.shape,
+                            policy.insert_credit,
+                            now,
+                            now,
+                            now,
+                        )
+                        for s in states
+                    ],
+                )
         out["states"] = len(own_ks)
         if source_prompt_id is not None and hit_k > 0:
             # The source's states at k <= hit_k: this prompt's trajectory passed through them.
