@@ -685,6 +685,8 @@ def replay(
     refit_every: int = 500,
     progress: Callable[[int, int], None] | None = None,
     outcomes: list[tuple[str, int]] | None = None,
+    snapshot_every: int = 0,
+    on_snapshot: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Replay ``reqs`` (in order) through a fresh cache on the migrated, empty database ``url``.
 
@@ -695,6 +697,9 @@ def replay(
 
     Returns the policy's row (hit rates by tier, K histogram, steps and GPU seconds saved, bytes, gate counts,
     timings, per-channel steps saved). ``outcomes``, if given, receives ``(tier, k)`` per request.
+    ``on_snapshot``, if given, receives the same row for the first ``snapshot_every`` × j requests as the replay
+    passes them: a prefix of the ordered trace is itself a valid replay, so a run stopped part-way still leaves
+    comparable rows (every policy at the same prefix).
 
     Raises:
         ValueError: ``emb`` does not have one row per request, or ``budget_bytes`` < 0, or ``slack`` ∉ [0, 0.5].
@@ -741,6 +746,64 @@ def replay(
     lookup_ms: list[float] = []
     record_ms: list[float] = []
     evict_s = refit_s = 0.0
+
+    def build_row(done: int, stats: dict[str, Any], wall: float, cpu: float) -> dict[str, Any]:
+        """The policy's row after the first ``done`` requests (the final row, or a prefix snapshot)."""
+        n = max(done, 1)
+        hits = tiers["exact"] + tiers["approximate"]
+        row: dict[str, Any] = {
+            "requests": done,
+            "hit_rate": round(hits / n, 4),
+            "exact_rate": round(tiers["exact"] / n, 4),
+            "approximate_rate": round(tiers["approximate"] / n, 4),
+            "steps_requested": steps_req,
+            "steps_skipped": steps_skip,
+            "steps_saved_fraction": round(steps_skip / max(steps_req, 1), 4),
+            "gpu_seconds_requested": round(gpu_req, 1),
+            "gpu_seconds_saved_fraction": round(gpu_skip / max(gpu_req, 1e-9), 4),
+            "k_hist": dict(sorted(k_hist.items(), key=lambda kv: _k_order(kv[0]))),
+            "bytes": int(stats["bytes"]),
+            "state_bytes": int(stats["state_bytes"]),
+            "image_bytes": int(stats["image_bytes"]),
+            "peak_bytes": int(peak),
+            "peak_bytes_before_eviction": int(peak_pre),
+            "budget_bytes": int(budget_bytes) if spec.bounded else None,
+            "prompts_stored": int(stats["prompts"]),
+            "states_stored": int(stats["states"]),
+            "evictions": evictions,
+            "gate": None,
+            "timing": {
+                "wall_s": round(wall, 2),
+                "ms_per_request": round(1000 * wall / n, 3),
+                "client_cpu_ms_per_request": round(1000 * cpu / n, 3),
+                "lookup_ms_p50": round(_pct(lookup_ms, 0.5), 3),
+                "lookup_ms_p99": round(_pct(lookup_ms, 0.99), 3),
+                "record_ms_p50": round(_pct(record_ms, 0.5), 3),
+                "record_ms_p99": round(_pct(record_ms, 0.99), 3),
+                "evict_s": round(evict_s, 2),
+                "gate_refit_s": round(refit_s, 2),
+            },
+            "by_channel": {
+                c: {
+                    "requests": int(v[0]),
+                    "hit_rate": round(v[3] / max(v[0], 1), 4),
+                    "steps_saved_fraction": round(v[2] / max(v[1], 1), 4),
+                }
+                for c, v in sorted(by_ch.items())
+            },
+        }
+        if spec.gate:
+            row["gate"] = {
+                "decisions": gate_decided,
+                "novel": gate_novel,
+                "lookups_avoided_fraction": round(gate_novel / n, 4),
+                "hits_lost": hits_lost,
+                "hits_lost_fraction_of_hits": round(hits_lost / max(tiers["approximate"], 1), 4),
+                "steps_lost": steps_lost,
+                "steps_saved_fraction_if_enforced": round((steps_skip - steps_lost) / max(steps_req, 1), 4),
+            }
+        return row
+
     t_start = time.perf_counter()
     cpu_start = time.process_time()
     try:
@@ -800,6 +863,9 @@ def replay(
                 refit_s += time.perf_counter() - t3
             if progress is not None and ((i + 1) % 1000 == 0 or i + 1 == len(reqs)):
                 progress(i + 1, len(reqs))
+            if on_snapshot is not None and snapshot_every and (i + 1) % snapshot_every == 0 and i + 1 < len(reqs):
+                snap = build_row(i + 1, cache.stats(), time.perf_counter() - t_start, time.process_time() - cpu_start)
+                on_snapshot(snap)
         wall = time.perf_counter() - t_start
         cpu = time.process_time() - cpu_start
         stats = cache.stats()
@@ -808,60 +874,7 @@ def replay(
         pool.close()
     if stats["bytes"] != cur:
         log.warning("%s: tracked bytes %d != stored bytes %d", spec.name, cur, stats["bytes"])
-    n = max(len(reqs), 1)
-    hits = tiers["exact"] + tiers["approximate"]
-    row: dict[str, Any] = {
-        "requests": len(reqs),
-        "hit_rate": round(hits / n, 4),
-        "exact_rate": round(tiers["exact"] / n, 4),
-        "approximate_rate": round(tiers["approximate"] / n, 4),
-        "steps_requested": steps_req,
-        "steps_skipped": steps_skip,
-        "steps_saved_fraction": round(steps_skip / max(steps_req, 1), 4),
-        "gpu_seconds_requested": round(gpu_req, 1),
-        "gpu_seconds_saved_fraction": round(gpu_skip / max(gpu_req, 1e-9), 4),
-        "k_hist": dict(sorted(k_hist.items(), key=lambda kv: _k_order(kv[0]))),
-        "bytes": int(stats["bytes"]),
-        "state_bytes": int(stats["state_bytes"]),
-        "image_bytes": int(stats["image_bytes"]),
-        "peak_bytes": int(peak),
-        "peak_bytes_before_eviction": int(peak_pre),
-        "budget_bytes": int(budget_bytes) if spec.bounded else None,
-        "prompts_stored": int(stats["prompts"]),
-        "states_stored": int(stats["states"]),
-        "evictions": evictions,
-        "gate": None,
-        "timing": {
-            "wall_s": round(wall, 2),
-            "ms_per_request": round(1000 * wall / n, 3),
-            "client_cpu_ms_per_request": round(1000 * cpu / n, 3),
-            "lookup_ms_p50": round(_pct(lookup_ms, 0.5), 3),
-            "lookup_ms_p99": round(_pct(lookup_ms, 0.99), 3),
-            "record_ms_p50": round(_pct(record_ms, 0.5), 3),
-            "record_ms_p99": round(_pct(record_ms, 0.99), 3),
-            "evict_s": round(evict_s, 2),
-            "gate_refit_s": round(refit_s, 2),
-        },
-        "by_channel": {
-            c: {
-                "requests": int(v[0]),
-                "hit_rate": round(v[3] / max(v[0], 1), 4),
-                "steps_saved_fraction": round(v[2] / max(v[1], 1), 4),
-            }
-            for c, v in sorted(by_ch.items())
-        },
-    }
-    if spec.gate:
-        row["gate"] = {
-            "decisions": gate_decided,
-            "novel": gate_novel,
-            "lookups_avoided_fraction": round(gate_novel / n, 4),
-            "hits_lost": hits_lost,
-            "hits_lost_fraction_of_hits": round(hits_lost / max(tiers["approximate"], 1), 4),
-            "steps_lost": steps_lost,
-            "steps_saved_fraction_if_enforced": round((steps_skip - steps_lost) / max(steps_req, 1), 4),
-        }
-    return row
+    return build_row(len(reqs), stats, wall, cpu)
 
 
 # ---------------------------------------------------------------------- the benchmark
@@ -944,10 +957,14 @@ def _run_task(task: tuple[str, str, tuple[int, ...]]) -> list[tuple[str, str, in
             if d["verbose"]:
                 log.info("%s: %d/%d", label, i, n)
 
+        def snap(row: dict[str, Any], budget: int = budget) -> None:
+            _append_checkpoint(d["checkpoint"], dataset, name, budget, d["fps"][(dataset, name)], row, partial=True)
+
         url = server.fresh()
         try:
             row = replay(url, reqs, emb, spec, budget, d["sizes"], embed_space=d["space"],
-                         step_cost_s=d["step_cost"], progress=prog)  # fmt: skip
+                         step_cost_s=d["step_cost"], progress=prog, snapshot_every=d["snapshot_every"],
+                         on_snapshot=snap if d["checkpoint"] is not None else None)  # fmt: skip
         finally:
             server.drop(url)
         if d["verbose"]:
@@ -978,6 +995,7 @@ def run_trace_bench(
     verbose: bool = True,
     checkpoint: Path | None = None,
     resume: bool = False,
+    snapshot_every: int = 20000,
 ) -> dict[str, Any]:
     """Replay the trace for every policy at ``budget_prompts`` and sweep the budgets; returns a JSON-able dict.
 
@@ -986,7 +1004,8 @@ def run_trace_bench(
     processes, one database each, same server). ``checkpoint``, if given, gets one JSON line per finished replay,
     stamped with a fingerprint of everything the replay's result depends on (:func:`replay_fingerprint`);
     ``resume`` takes the rows of ``checkpoint`` whose fingerprint matches instead of replaying them again (a
-    full-trace run takes hours: an interrupted one continues where it stopped).
+    full-trace run takes hours: an interrupted one continues where it stopped). Replays also write a prefix row
+    (``"partial": true``) every ``snapshot_every`` requests; those are never resumed from, only read.
 
     Raises:
         ValueError: bad sizes, budgets or policy names.
@@ -1001,6 +1020,8 @@ def run_trace_bench(
         raise ValueError(f"image_budget_fraction must be in [0, 1], got {image_budget_fraction}")
     if not 1 <= jobs <= 16:
         raise ValueError(f"jobs must be in 1..16, got {jobs}")
+    if snapshot_every < 0:
+        raise ValueError(f"snapshot_every must be >= 0, got {snapshot_every}")
     defaults = default_specs(calibrated, image_budget_fraction)
     all_specs = {s.name: s for s in [*defaults, *ablation_specs(image_budget_fraction)]}
     notes: list[str] = []
@@ -1093,6 +1114,9 @@ def run_trace_bench(
         space=embedder.space,
         step_cost=cost,
         verbose=verbose,
+        checkpoint=checkpoint,
+        fps=fps,
+        snapshot_every=snapshot_every,
     )
     try:
         if jobs > 1 and len(todo) > 1:
@@ -1192,6 +1216,8 @@ def _load_checkpoint(path: Path, fps: dict[tuple[str, str], str]) -> dict[tuple[
         for line in fh:
             try:
                 rec = json.loads(line)
+                if rec.get("partial"):
+                    continue  # a prefix snapshot, not a finished replay
                 key = (rec["dataset"], rec["policy"])
                 if fps.get(key) == rec.get("fingerprint"):
                     out[(*key, int(rec["budget_bytes"]))] = rec["row"]
@@ -1206,14 +1232,24 @@ def _collect(
     checkpoint: Path | None,
     fps: dict[tuple[str, str], str],
 ) -> None:
-    import json
 
     for ds, name, b, row in rows:
         results[(ds, name, b)] = row
         if checkpoint is not None:
-            rec = {"dataset": ds, "policy": name, "budget_bytes": b, "fingerprint": fps[(ds, name)], "row": row}
-            with open(checkpoint, "a") as fh:
-                fh.write(json.dumps(rec) + "\n")
+            _append_checkpoint(checkpoint, ds, name, b, fps[(ds, name)], row)
+
+
+def _append_checkpoint(
+    path: Path, ds: str, name: str, budget: int, fp: str, row: dict[str, Any], partial: bool = False
+) -> None:
+    """One JSON line, written with a single append (workers and the parent share the file)."""
+    import json
+
+    rec = {"dataset": ds, "policy": name, "budget_bytes": budget, "fingerprint": fp, "row": row}
+    if partial:
+        rec["partial"] = True
+    with open(path, "a") as fh:
+        fh.write(json.dumps(rec) + "\n")
 
 
 def _brief(row: dict[str, Any]) -> dict[str, Any]:

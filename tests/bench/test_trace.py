@@ -308,7 +308,7 @@ def test_resume_reuses_only_replays_with_a_matching_fingerprint(
     ckpt = tmp_path / "ck.jsonl"
     kw: dict[str, Any] = dict(budget_prompts=5, policies=["paper", "lru"], sweep_budgets=(), verbose=False,
                               database_url=pg_server.url(), cache_dir=tmp_path / "emb", embedder=_HashEmbedder(),
-                              checkpoint=ckpt)  # fmt: skip
+                              checkpoint=ckpt, snapshot_every=20)  # fmt: skip
     calls: list[str] = []
     real_replay = trace_mod.replay
 
@@ -318,7 +318,15 @@ def test_resume_reuses_only_replays_with_a_matching_fingerprint(
 
     monkeypatch.setattr(trace_mod, "replay", counting)
     first = trace_mod.run_trace_bench([trace], **kw)
-    assert sorted(calls) == ["lru", "paper"] and len(ckpt.read_text().splitlines()) == 2
+    lines = [json.loads(x) for x in ckpt.read_text().splitlines()]
+    assert sorted(calls) == ["lru", "paper"] and len(lines) == 4
+    # Each replay also left its row after the first 20 requests: the same row a 20-request replay gives.
+    snaps = {x["policy"]: x["row"] for x in lines if x.get("partial")}
+    prefix = trace_mod.run_trace_bench([trace], **{**kw, "limit": 20, "checkpoint": None})
+    for name in ("paper", "lru"):
+        assert snaps[name]["requests"] == 20
+        for key in ("hit_rate", "steps_skipped", "bytes", "prompts_stored", "k_hist"):
+            assert snaps[name][key] == prefix["policies"][name][key], (name, key)
     with open(ckpt, "a") as fh:
         fh.write('{"dataset": "head", "policy": "paper", "budg')  # a line cut short by an interrupted write
 
@@ -327,6 +335,11 @@ def test_resume_reuses_only_replays_with_a_matching_fingerprint(
     assert calls == []  # both rows came from the checkpoint
     for name in ("paper", "lru"):
         assert again["policies"][name] == first["policies"][name]
+    # Prefix snapshots are never resumed from: with only those left, both policies replay again.
+    ckpt.write_text("".join(json.dumps(x) + "\n" for x in lines if x.get("partial")))
+    calls.clear()
+    trace_mod.run_trace_bench([trace], resume=True, **kw)
+    assert sorted(calls) == ["lru", "paper"]
 
     # A different size model changes the fingerprint: nothing is reused, both are replayed.
     calls.clear()
