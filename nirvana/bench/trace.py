@@ -1091,7 +1091,8 @@ def run_trace_bench(
     data = {"head": (reqs, emb), "sweep": (sweep_reqs, sweep_emb)}
     common = {"sizes": sizes.bytes_per_latent_pixel, "image_bytes_per_pixel": image_bytes_per_pixel,
               "step_cost_s": cost, "space": embedder.space}  # fmt: skip
-    fps = {(ds, p): replay_fingerprint(data[ds][0], all_specs[p], common) for (ds, p) in need}
+    digests = {ds: requests_digest(data[ds][0]) for ds in {ds for ds, _ in need}}
+    fps = {(ds, p): replay_fingerprint(digests[ds], all_specs[p], common) for (ds, p) in need}
     results: dict[tuple[str, str, int], dict[str, Any]] = {}
     if resume and checkpoint is not None:
         done = _load_checkpoint(checkpoint, fps)
@@ -1187,9 +1188,18 @@ def run_trace_bench(
     }
 
 
-def replay_fingerprint(reqs: Sequence[TraceRequest], spec: PolicySpec, common: dict[str, Any]) -> str:
-    """A hash of everything one replay's row depends on except the budget: the requests (in order, with their
-    clock), the policy's settings (and its K table's content), the size and cost models and the embedding space.
+def requests_digest(reqs: Sequence[TraceRequest]) -> str:
+    """A hash of the requests in order, with their clock (computed once per dataset, not per policy)."""
+    h = hashlib.blake2b(digest_size=16)
+    for r in reqs:
+        h.update(repr(r).encode("utf-8", "surrogatepass"))
+    return h.hexdigest()
+
+
+def replay_fingerprint(reqs_digest: str, spec: PolicySpec, common: dict[str, Any]) -> str:
+    """A hash of everything one replay's row depends on except the budget: the requests (``reqs_digest``, from
+    :func:`requests_digest`), the policy's settings (and its K table's content), the size and cost models and the
+    embedding space.
 
     Two runs with equal fingerprints replay identically at equal budgets (the replay is deterministic), which is
     what makes a checkpointed row safe to reuse.
@@ -1197,11 +1207,10 @@ def replay_fingerprint(reqs: Sequence[TraceRequest], spec: PolicySpec, common: d
     import json
 
     h = hashlib.blake2b(digest_size=16)
-    h.update(json.dumps({"spec": asdict(spec), **common}, sort_keys=True, default=str).encode())
+    h.update(json.dumps({"spec": asdict(spec), "requests": reqs_digest, **common}, sort_keys=True,
+                        default=str).encode())  # fmt: skip
     if spec.table != "paper":
         h.update(Path(spec.table).read_bytes())
-    for r in reqs:
-        h.update(repr(r).encode("utf-8", "surrogatepass"))
     return h.hexdigest()
 
 
@@ -1232,7 +1241,6 @@ def _collect(
     checkpoint: Path | None,
     fps: dict[tuple[str, str], str],
 ) -> None:
-
     for ds, name, b, row in rows:
         results[(ds, name, b)] = row
         if checkpoint is not None:

@@ -31,6 +31,13 @@ from nirvana.cache.eviction import EvictionPolicy
 
 log = logging.getLogger(__name__)
 
+# One blob row (a re-put of the same uri updates it): used alone for images and inside the states' insert.
+_INSERT_BLOB = (
+    "INSERT INTO cache_blobs (kind, uri, codec, bytes, checksum, model_key, tenant) "
+    "VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (uri) DO UPDATE SET codec = EXCLUDED.codec, "
+    "bytes = EXCLUDED.bytes, checksum = EXCLUDED.checksum RETURNING id"
+)
+
 EVICT_LOCK_KEY = 0x6E766576  # "nvev"
 T = TypeVar("T")
 
@@ -420,9 +427,7 @@ class CacheIndex:
         if states:
             with conn.cursor() as cur:
                 cur.executemany(
-                    "WITH b AS (INSERT INTO cache_blobs (kind, uri, codec, bytes, checksum, model_key, tenant) "
-                    "VALUES ('state', %s, %s, %s, %s, %s, %s) ON CONFLICT (uri) DO UPDATE SET codec = EXCLUDED.codec, "
-                    "bytes = EXCLUDED.bytes, checksum = EXCLUDED.checksum RETURNING id) "
+                    f"WITH b AS ({_INSERT_BLOB}) "
                     "INSERT INTO cache_states (prompt_id, blob_id, k, num_steps, timestep, sigma, scheduler_family, "
                     "shape, dhits, dhits_ts, created_ts, last_used_ts) "
                     "SELECT %s::bigint, b.id, %s::integer, %s::integer, %s::double precision, "
@@ -430,6 +435,7 @@ class CacheIndex:
                     "%s::double precision, %s::double precision FROM b",
                     [
                         (
+                            "state",
                             s.uri,
                             s.codec,
                             s.bytes,
@@ -490,12 +496,7 @@ class CacheIndex:
         checksum: str | None,
         space: Space,
     ) -> int:
-        row = conn.execute(
-            "INSERT INTO cache_blobs (kind, uri, codec, bytes, checksum, model_key, tenant) "
-            "VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (uri) DO UPDATE SET codec = EXCLUDED.codec, "
-            "bytes = EXCLUDED.bytes, checksum = EXCLUDED.checksum RETURNING id",
-            (kind, uri, codec, nbytes, checksum, space.model_key, space.tenant),
-        ).fetchone()
+        row = conn.execute(_INSERT_BLOB, (kind, uri, codec, nbytes, checksum, space.model_key, space.tenant)).fetchone()
         assert row is not None
         return int(row[0])
 
