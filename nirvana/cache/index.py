@@ -62,6 +62,60 @@ _DELETE_EMPTY_PROMPTS = (
     "(SELECT 1 FROM cache_states s WHERE s.prompt_id = p.id) RETURNING image_blob_id"
 )
 
+_IMAGES = "FROM cache_prompts p JOIN cache_blobs b ON b.id = p.image_blob_id"  # the exact tier's images
+
+
+def _prefix_within(source: str, ids: str, out: str, freed: str, keys: list[str]) -> str:
+    """SQL: the first rows of ``source`` in ``keys`` order (ascending, NULLs first) whose bytes before them sum
+    to less than ``%(bound)s`` — the shortest prefix freeing ``bound`` bytes — at most ``%(batch)s`` of them.
+
+    The ORDER BY … LIMIT runs first (a bounded top-N sort: eviction cost grows as n log batch, not with a full
+    sort of every row), the running sum over those rows only; the result is the same as a window over all rows.
+    ``ids`` are the columns selected from ``source`` and ``out`` the ones returned; the keys end with a unique
+    id so the order is total.
+    """
+    cols = ", ".join(f"{k} AS k{i}" for i, k in enumerate(keys))
+    order = ", ".join(f"k{i} ASC NULLS FIRST" for i in range(len(keys)))
+    return (
+        f"WITH c AS (SELECT {ids}, {freed} AS freed, {cols} {source} ORDER BY {order} LIMIT %(batch)s), "
+        f"d AS (SELECT {out}, freed, {', '.join(f'k{i}' for i in range(len(keys)))}, "
+        f"sum(freed) OVER (ORDER BY {order} ROWS UNBOUNDED PRECEDING) AS cum FROM c) "
+        f"SELECT {out} FROM d WHERE cum - freed < %(bound)s ORDER BY {order}"
+    )
+
+
+def eviction_queries(policy: EvictionPolicy) -> dict[str, str]:
+    """The three eviction phases' candidate queries for ``policy`` (parameters ``bound``, ``batch``, ``now``,
+    ``half_life``, ``floor``): ``images`` (phase 0: prompt id, image blob id), ``states`` (phase 1: state ids
+    above each prompt's floor), ``prompts`` (phase 2: whole prompts, lowest best-state key first)."""
+    freed_state = "CASE WHEN s.borrowed THEN 0 ELSE b.bytes END"
+    states = "FROM cache_states s JOIN cache_blobs b ON b.id = s.blob_id"
+    if policy.min_states_per_prompt > 0:
+        # The floor needs each state's rank within its prompt: rank every state, keep those above the floor.
+        prank = f"row_number() OVER (PARTITION BY s.prompt_id ORDER BY {', '.join(policy.sql_protect_order())})"
+        states = f"FROM (SELECT s.*, {freed_state} AS freed0, {prank} AS prank {states}) s WHERE s.prank > %(floor)s"
+        freed_state = "s.freed0"
+    t0, t1 = policy.sql_key_terms()[:2]
+    return {
+        "images": _prefix_within(
+            _IMAGES,
+            "p.id, p.image_blob_id",
+            "id, image_blob_id",
+            "b.bytes",
+            policy.sql_image_key_terms(),
+        ),
+        "states": _prefix_within(states, "s.id", "id", freed_state, policy.sql_key_terms()),
+        "prompts": _prefix_within(
+            "FROM cache_prompts p LEFT JOIN cache_states s ON s.prompt_id = p.id "
+            "LEFT JOIN cache_blobs b ON b.id = s.blob_id LEFT JOIN cache_blobs ib ON ib.id = p.image_blob_id "
+            "GROUP BY p.id",
+            "p.id",
+            "id",
+            "coalesce(sum(CASE WHEN s.borrowed THEN 0 ELSE b.bytes END), 0) + coalesce(max(ib.bytes), 0)",
+            [f"max({t0})", f"max({t1})", "p.id"],
+        ),
+    }
+
 
 @dataclass(frozen=True)
 class Space:
@@ -538,40 +592,9 @@ class CacheIndex:
         res: dict[str, Any] = {"states": 0, "prompts": 0, "blobs": 0, "bytes": 0, "uris": [], "phase2": 0}
         res["images"] = 0
         image_cap = policy.image_cap(budget_bytes)
-        i0, i1 = policy.sql_image_key_terms()
-        images = "FROM cache_prompts p JOIN cache_blobs b ON b.id = p.image_blob_id"
-        phase0 = (
-            f"WITH c AS (SELECT p.id, p.image_blob_id, b.bytes, row_number() OVER (ORDER BY {i0} ASC, {i1} ASC) "
-            f"AS ord {images}), d AS (SELECT id, image_blob_id, bytes, ord, sum(bytes) OVER (ORDER BY ord) AS cum "
-            "FROM c) SELECT id, image_blob_id FROM d WHERE cum - bytes < %(excess)s ORDER BY ord LIMIT %(batch)s"
-        )
+        q = eviction_queries(policy)
         params = {"now": now, "half_life": policy.half_life_s}
-        order = ", ".join(f"{t} ASC" for t in policy.sql_key_terms())
         floor = policy.min_states_per_prompt
-        prank = (
-            f"row_number() OVER (PARTITION BY s.prompt_id ORDER BY {', '.join(policy.sql_protect_order())})"
-            if floor > 0
-            else "1"
-        )
-        phase1 = (
-            f"WITH c AS (SELECT s.id, CASE WHEN s.borrowed THEN 0 ELSE b.bytes END AS freed, {prank} AS "
-            f"prank, "
-            f"row_number() OVER (ORDER BY {order}) AS ord FROM cache_states s JOIN cache_blobs b ON b.id = "
-            f"s.blob_id), "
-            "d AS (SELECT id, freed, ord, sum(freed) OVER (ORDER BY ord) AS cum FROM c WHERE prank > "
-            "%(floor)s) "
-            "SELECT id FROM d WHERE cum - freed < %(overflow)s ORDER BY ord LIMIT %(batch)s"
-        )
-        t0, t1 = policy.sql_key_terms()[:2]
-        phase2 = (
-            "WITH g AS (SELECT p.id, coalesce(sum(CASE WHEN s.borrowed THEN 0 ELSE b.bytes END), 0) "
-            "+ coalesce(max(ib.bytes), 0) AS freed, "
-            f"row_number() OVER (ORDER BY max({t0}) ASC NULLS FIRST, max({t1}) ASC NULLS FIRST, p.id) AS ord "
-            "FROM cache_prompts p LEFT JOIN cache_states s ON s.prompt_id = p.id "
-            "LEFT JOIN cache_blobs b ON b.id = s.blob_id LEFT JOIN cache_blobs ib ON ib.id = p.image_blob_id "
-            "GROUP BY p.id), d AS (SELECT id, freed, ord, sum(freed) OVER (ORDER BY ord) AS cum FROM g) "
-            "SELECT id FROM d WHERE cum - freed < %(overflow)s ORDER BY ord LIMIT %(batch)s"
-        )
 
         evicting = [False]  # stored bytes exceeded the budget during this call
 
@@ -586,14 +609,14 @@ class CacheIndex:
                     return False
                 drop: list[Any] = []
                 if image_cap is not None:  # phase 0, to the cap once eviction started (whatever the batch size)
-                    r = conn.execute(f"SELECT coalesce(sum(b.bytes), 0) {images}").fetchone()
+                    r = conn.execute(f"SELECT coalesce(sum(b.bytes), 0) {_IMAGES}").fetchone()
                     excess = (int(r[0]) if r else 0) - image_cap
                     if excess > 0:
-                        drop = conn.execute(phase0, {"excess": excess, "batch": batch}).fetchall()
+                        drop = conn.execute(q["images"], {"bound": excess, "batch": batch}).fetchall()
                 if not drop and overflow <= 0:
                     return False
-                p = {**params, "overflow": overflow, "batch": batch, "floor": floor}
-                ids = [] if drop else [int(x[0]) for x in conn.execute(phase1, p)]  # type: ignore[call-overload]
+                p = {**params, "bound": overflow, "batch": batch, "floor": floor}
+                ids = [] if drop else [int(x[0]) for x in conn.execute(q["states"], p)]  # type: ignore[call-overload]
                 if drop:
                     pids = sorted(int(d[0]) for d in drop)
                     blob_ids = {int(d[1]) for d in drop}
@@ -609,7 +632,7 @@ class CacheIndex:
                     dead = conn.execute(_DELETE_EMPTY_PROMPTS, (pids,)).fetchall()
                     res["states"] += len(gone)
                 else:
-                    pids = [int(x[0]) for x in conn.execute(phase2, p)]  # type: ignore[call-overload]
+                    pids = [int(x[0]) for x in conn.execute(q["prompts"], p)]  # type: ignore[call-overload]
                     if not pids:
                         return False
                     gone = conn.execute(

@@ -266,3 +266,35 @@ def test_gate_enforce_and_shadow(new_database: Callable[..., str], tmp_path: Pat
         cache.gate_enforce = False  # shadow mode: decision recorded, lookup still runs
         far2 = cache.lookup(request(at_similarity(center, 0.1, rng), ns, seed=5))
         assert far2.gate_novel is True and not far2.gate_skipped_lookup and far2.candidates > 0
+
+
+def test_a_hit_updates_its_rows_in_place(new_database: Callable[..., str], tmp_path: Path) -> None:
+    """Counting a hit leaves the source's prompt and state rows on their pages (HOT updates, no new entry in
+    the HNSW index): migration 0003's fillfactor keeps room on each page. On full pages (fillfactor 100) the
+    updated prompt moved to another page and its vector was inserted into the graph again."""
+    url = new_database()
+    ns = Namespace("m", "hot")
+    rng = np.random.default_rng(12)
+    with make_cache(url, LatentStore(str(tmp_path / "b")), eviction="ours") as cache:
+        embs = [unit(rng) for _ in range(24)]  # several pages of prompts (~1.8 kB each)
+        for i, e in enumerate(embs):
+            cache.record_virtual(f"j{i}", request(e, ns, seed=i, prompt=f"p{i}"), None, bytes_per_state=10)
+
+        def pages() -> dict[str, int]:
+            with psycopg.connect(url) as conn:
+                rows = conn.execute(
+                    "SELECT 'p' || p.id, (p.ctid::text::point)[0]::int FROM cache_prompts p UNION ALL "
+                    "SELECT 's' || s.id, (s.ctid::text::point)[0]::int FROM cache_states s"
+                ).fetchall()
+            return {str(r[0]): int(r[1]) for r in rows}
+
+        before = pages()
+        for i in (0, 11, 23):
+            req = request(at_similarity(embs[i], 0.97, rng), ns, seed=100 + i, prompt=f"q{i}")
+            hit = cache.lookup(req)
+            assert hit.tier == "approximate"
+            out = cache.record_virtual(f"h{i}", req, hit, bytes_per_state=10)
+            assert out["hit_counted"]
+        after = pages()
+    moved = [k for k, page in before.items() if after.get(k) != page]
+    assert moved == []

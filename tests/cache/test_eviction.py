@@ -209,7 +209,7 @@ def test_sql_order_matches_python(pg_url: str, name: str) -> None:
     assert sql_order == py_order
 
 
-@pytest.mark.parametrize("name", ["paper", "ours", "lru", "ours_high_k"])
+@pytest.mark.parametrize("name", ["paper", "ours", "lru", "ours_high_k", "ours_no_floor"])
 @pytest.mark.parametrize("keep_fraction", [0.6, 0.2, 0.0])
 def test_sql_eviction_matches_python(pg_url: str, name: str, keep_fraction: float) -> None:
     from psycopg_pool import ConnectionPool
@@ -218,6 +218,8 @@ def test_sql_eviction_matches_python(pg_url: str, name: str, keep_fraction: floa
     metas = _random_metas(rng, 150, 40)
     if name == "ours_high_k":
         pol = make_policy("ours", half_life_s=300.0, min_states_per_prompt=2, floor_keeps="high_k")
+    elif name == "ours_no_floor":  # the default: no per-prompt ranking, the bounded top-N alone
+        pol = make_policy("ours", half_life_s=300.0, min_states_per_prompt=0)
     else:
         pol = make_policy(name, half_life_s=300.0, min_states_per_prompt=2)
     now = 1500.0
