@@ -106,7 +106,14 @@ def bench_trace_cmd(
     import signal
 
     from nirvana.bench.report import plot_path, write_report
-    from nirvana.bench.trace import default_trace_files, format_headline, run_trace_bench, trace_markdown, trace_plot
+    from nirvana.bench.trace import (
+        default_trace_files,
+        format_headline,
+        progress_plot,
+        run_trace_bench,
+        trace_markdown,
+        trace_plot,
+    )
     from nirvana.config import get_settings
 
     def _interrupt(signum: int, frame: object) -> None:
@@ -154,9 +161,10 @@ def bench_trace_cmd(
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
     plot = trace_plot(res, plot_path(out, "trace")) if res["sweep"]["rows"] else None
-    paths = write_report(out, "trace", res, trace_markdown(res, plot))
+    prog = progress_plot(res, plot_path(out, "trace-progress"))
+    paths = write_report(out, "trace", res, trace_markdown(res, plot, prog))
     typer.echo(format_headline(res))
-    typer.echo(f"wrote {paths['json']}, {paths['markdown']}" + (f", {plot}" if plot else ""))
+    typer.echo(f"wrote {paths['json']}, {paths['markdown']}" + "".join(f", {p}" for p in (plot, prog) if p))
     if json_out:
         typer.echo(json.dumps(res, separators=(",", ":"), default=str))
 

@@ -1183,6 +1183,7 @@ def run_trace_bench(
             "budgets_prompts": list(sweep_budgets) if do_sweep else [],
             "rows": sweep_rows,
         },
+        "progress": _progress(checkpoint, fps, budget, pol),
         "notes": notes,
         "wall_s": round(time.perf_counter() - t_all, 1),
     }
@@ -1214,25 +1215,50 @@ def replay_fingerprint(reqs_digest: str, spec: PolicySpec, common: dict[str, Any
     return h.hexdigest()
 
 
-def _load_checkpoint(path: Path, fps: dict[tuple[str, str], str]) -> dict[tuple[str, str, int], dict[str, Any]]:
-    """Rows of a checkpoint file whose fingerprint matches this run's (others, and unreadable lines, skipped)."""
+def _checkpoint_records(path: Path, fps: dict[tuple[str, str], str]) -> list[dict[str, Any]]:
+    """The records of a checkpoint file whose fingerprint matches this run's (others, and unreadable lines,
+    skipped)."""
     import json
 
-    out: dict[tuple[str, str, int], dict[str, Any]] = {}
+    out: list[dict[str, Any]] = []
     if not path.exists():
         return out
     with open(path) as fh:
         for line in fh:
             try:
                 rec = json.loads(line)
-                if rec.get("partial"):
-                    continue  # a prefix snapshot, not a finished replay
-                key = (rec["dataset"], rec["policy"])
-                if fps.get(key) == rec.get("fingerprint"):
-                    out[(*key, int(rec["budget_bytes"]))] = rec["row"]
+                ours = fps.get((rec["dataset"], rec["policy"])) == rec.get("fingerprint")
+                if ours and int(rec["budget_bytes"]) >= 0 and "requests" in rec["row"]:
+                    out.append(rec)
             except (ValueError, KeyError, TypeError):
                 continue  # a line cut short by an interrupted write
     return out
+
+
+def _load_checkpoint(path: Path, fps: dict[tuple[str, str], str]) -> dict[tuple[str, str, int], dict[str, Any]]:
+    """Finished replays of a checkpoint file whose fingerprint matches this run's (prefix snapshots skipped)."""
+    return {
+        (rec["dataset"], rec["policy"], int(rec["budget_bytes"])): rec["row"]
+        for rec in _checkpoint_records(path, fps)
+        if not rec.get("partial")
+    }
+
+
+def _progress(
+    path: Path | None, fps: dict[tuple[str, str], str], budget: int, final: dict[str, dict[str, Any]]
+) -> dict[str, list[dict[str, Any]]]:
+    """Per headline policy, its steps saved and hit rate after each prefix snapshot and at the end: how the
+    comparison develops along the trace (snapshots of an interrupted earlier run with the same fingerprint count;
+    the replay is deterministic, so a prefix appears once)."""
+    pts: dict[str, dict[int, dict[str, Any]]] = {n: {} for n in final}
+    recs = _checkpoint_records(path, fps) if path is not None else []
+    for rec in recs:
+        if rec["dataset"] == "head" and rec["policy"] in pts and int(rec["budget_bytes"]) == budget:
+            pts[rec["policy"]][int(rec["row"]["requests"])] = rec["row"]
+    for name, row in final.items():
+        pts[name][int(row["requests"])] = row
+    keys = ("requests", "hit_rate", "steps_saved_fraction")
+    return {n: [{k: r[k] for k in keys} for _, r in sorted(p.items())] for n, p in pts.items()}
 
 
 def _collect(
@@ -1302,7 +1328,31 @@ def trace_plot(res: dict[str, Any], path: Path) -> Path | None:
     return path
 
 
-def trace_markdown(res: dict[str, Any], plot: Path | None = None) -> str:
+def progress_plot(res: dict[str, Any], path: Path) -> Path | None:
+    """Steps saved after the first N requests vs N, one line per headline policy (None without snapshots)."""
+    prog = {n: pts for n, pts in res.get("progress", {}).items() if len(pts) > 1}
+    if not prog:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, pts in sorted(prog.items(), key=lambda kv: -kv[1][-1]["steps_saved_fraction"]):
+        ax.plot([p["requests"] for p in pts], [p["steps_saved_fraction"] for p in pts], marker="o", label=name)
+    ax.set_xlabel("requests replayed (time-ordered trace)")
+    ax.set_ylabel("steps saved so far (Σ skipped / Σ requested)")
+    ax.set_title(f"dreambot trace, budget {res['budget_prompts']:,} prompts: steps saved along the trace")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def trace_markdown(res: dict[str, Any], plot: Path | None = None, progress: Path | None = None) -> str:
     """The markdown report of :func:`run_trace_bench`."""
     from nirvana.bench.report import md_table
 
@@ -1367,6 +1417,15 @@ def trace_markdown(res: dict[str, Any], plot: Path | None = None) -> str:
         lines.append(md_table(["policy", *chans],
                               [[n] + [r["by_channel"].get(c, {}).get("steps_saved_fraction", "-") for c in chans]
                                for n, r in pol.items()]))  # fmt: skip
+    prog = {n: pts for n, pts in res.get("progress", {}).items() if len(pts) > 1}
+    if prog:
+        ns = sorted({p["requests"] for pts in prog.values() for p in pts})
+        lines += ["", "## Steps saved along the trace (after the first N requests; prefix snapshots)", ""]
+        lines.append(md_table(["policy"] + [f"{n:,}" for n in ns],
+                              [[name] + [{p["requests"]: p["steps_saved_fraction"] for p in pts}.get(n, "-")
+                                         for n in ns] for name, pts in prog.items()]))  # fmt: skip
+        if progress is not None:
+            lines += ["", f"![steps saved along the trace]({Path(progress).name})"]
     sw = res["sweep"]
     if sw["rows"]:
         budgets = sw["budgets_prompts"]

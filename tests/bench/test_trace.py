@@ -327,6 +327,17 @@ def test_resume_reuses_only_replays_with_a_matching_fingerprint(
         assert snaps[name]["requests"] == 20
         for key in ("hit_rate", "steps_skipped", "bytes", "prompts_stored", "k_hist"):
             assert snaps[name][key] == prefix["policies"][name][key], (name, key)
+        # The report's progress: the snapshot, then the final row.
+        assert first["progress"][name] == [
+            {k: r[k] for k in ("requests", "hit_rate", "steps_saved_fraction")}
+            for r in (snaps[name], first["policies"][name])
+        ]
+    assert prefix["progress"] == {n: [{k: prefix["policies"][n][k] for k in ("requests", "hit_rate",
+                                  "steps_saved_fraction")}] for n in ("paper", "lru")}  # fmt: skip
+    md = trace_mod.trace_markdown(first, None, trace_mod.progress_plot(first, tmp_path / "progress.png"))
+    assert "## Steps saved along the trace" in md and "![steps saved along the trace](progress.png)" in md
+    assert (tmp_path / "progress.png").stat().st_size > 0
+    assert trace_mod.progress_plot(prefix, tmp_path / "none.png") is None  # one point per policy: no plot
     with open(ckpt, "a") as fh:
         fh.write('{"dataset": "head", "policy": "paper", "budg')  # a line cut short by an interrupted write
 
