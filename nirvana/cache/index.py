@@ -65,9 +65,9 @@ _DELETE_EMPTY_PROMPTS = (
 _IMAGES = "FROM cache_prompts p JOIN cache_blobs b ON b.id = p.image_blob_id"  # the exact tier's images
 
 
-def _prefix_within(source: str, ids: str, out: str, freed: str, keys: list[str]) -> str:
-    """SQL: the first rows of ``source`` in ``keys`` order (ascending, NULLs first) whose bytes before them sum
-    to less than ``%(bound)s`` — the shortest prefix freeing ``bound`` bytes — at most ``%(batch)s`` of them.
+def _prefix_within(source: str, ids: str, out: str, freed: str, keys: list[str], nulls_first: bool = False) -> str:
+    """SQL: the first rows of ``source`` in ``keys`` order (ascending) whose bytes before them sum to less than
+    ``%(bound)s`` — the shortest prefix freeing ``bound`` bytes — at most ``%(batch)s`` of them.
 
     The ORDER BY … LIMIT runs first (a bounded top-N sort: eviction cost grows as n log batch, not with a full
     sort of every row), the running sum over those rows only; the result is the same as a window over all rows.
@@ -75,7 +75,8 @@ def _prefix_within(source: str, ids: str, out: str, freed: str, keys: list[str])
     id so the order is total.
     """
     cols = ", ".join(f"{k} AS k{i}" for i, k in enumerate(keys))
-    order = ", ".join(f"k{i} ASC NULLS FIRST" for i in range(len(keys)))
+    # Plain ASC matches the b-tree indexes (image LRU order); NULLS FIRST where a key can be NULL (phase 2).
+    order = ", ".join(f"k{i} ASC" + (" NULLS FIRST" if nulls_first else "") for i in range(len(keys)))
     return (
         f"WITH c AS (SELECT {ids}, {freed} AS freed, {cols} {source} ORDER BY {order} LIMIT %(batch)s), "
         f"d AS (SELECT {out}, freed, {', '.join(f'k{i}' for i in range(len(keys)))}, "
@@ -113,6 +114,7 @@ def eviction_queries(policy: EvictionPolicy) -> dict[str, str]:
             "id",
             "coalesce(sum(CASE WHEN s.borrowed THEN 0 ELSE b.bytes END), 0) + coalesce(max(ib.bytes), 0)",
             [f"max({t0})", f"max({t1})", "p.id"],
+            nulls_first=True,  # a prompt without states (only its image) goes first
         ),
     }
 
