@@ -1344,6 +1344,7 @@ def progress_plot(res: dict[str, Any], path: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, pts in sorted(prog.items(), key=lambda kv: -kv[1][-1]["steps_saved_fraction"]):
         ax.plot([p["requests"] for p in pts], [p["steps_saved_fraction"] for p in pts], marker="o", label=name)
+    ax.set_ylim(bottom=0)  # ratios between policies read off the axis as drawn
     ax.set_xlabel("requests replayed (time-ordered trace)")
     ax.set_ylabel("steps saved so far (Σ skipped / Σ requested)")
     ax.set_title(f"dreambot trace, budget {res['budget_prompts']:,} prompts: steps saved along the trace")
