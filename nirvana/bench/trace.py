@@ -938,8 +938,7 @@ def _run_task(task: tuple[str, str, tuple[int, ...]]) -> list[tuple[str, str, in
 
     Budgets run in ascending order; once a replay evicted nothing, every larger budget would replay the same way
     (the budget only matters through eviction; see :func:`replay_fingerprint` on determinism), so those rows are
-    copies of it
-    marked ``same_as_budget_bytes`` instead of being run again.
+    copies of it marked ``same_as_budget_bytes`` instead of being run again.
     """
     dataset, name, budgets = task
     d = _SHARED
@@ -1299,36 +1298,50 @@ def _mib(b: int | None) -> str:
     return "-" if b is None else f"{b / 2**20:,.1f}"
 
 
-def trace_plot(res: dict[str, Any], path: Path) -> Path | None:
-    """Steps saved vs budget (prompts), one line per policy; the unbounded ceiling as a horizontal line."""
-    rows = res["sweep"]["rows"]
-    if not rows:
-        return None
+def _line_plot(
+    path: Path, draw: Callable[[Any], None], xlabel: str, ylabel: str, title: str, *, xlog: bool = False
+) -> Path:
+    """One figure of the report: ``draw(ax)`` adds the lines, the rest (labels, grid, legend, file) is shared."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    by: dict[str, list[tuple[int, float]]] = {}
-    for r in rows:
-        if r["budget_prompts"] is None:
-            ax.axhline(r["steps_saved_fraction"], ls="--", color="grey", label=f"{r['policy']} (ceiling)")
-        else:
-            by.setdefault(r["policy"], []).append((r["budget_prompts"], r["steps_saved_fraction"]))
-    for name, pts in sorted(by.items()):
-        pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
-    ax.set_xscale("log")
-    ax.set_xlabel("budget (prompts' worth of five fp32 512² states)")
-    ax.set_ylabel("steps saved (Σ skipped / Σ requested)")
-    ax.set_title(f"dreambot trace replay, {res['sweep']['requests']:,} requests")
+    draw(ax)
+    if xlog:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def trace_plot(res: dict[str, Any], path: Path) -> Path | None:
+    """Steps saved vs budget (prompts), one line per policy; the unbounded ceiling as a horizontal line."""
+    rows = res["sweep"]["rows"]
+    if not rows:
+        return None
+
+    def draw(ax: Any) -> None:
+        by: dict[str, list[tuple[int, float]]] = {}
+        for r in rows:
+            if r["budget_prompts"] is None:
+                ax.axhline(r["steps_saved_fraction"], ls="--", color="grey", label=f"{r['policy']} (ceiling)")
+            else:
+                by.setdefault(r["policy"], []).append((r["budget_prompts"], r["steps_saved_fraction"]))
+        for name, pts in sorted(by.items()):
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+
+    return _line_plot(path, draw, "budget (prompts' worth of five fp32 512² states)",
+                      "steps saved (Σ skipped / Σ requested)",
+                      f"dreambot trace replay, {res['sweep']['requests']:,} requests", xlog=True)  # fmt: skip
 
 
 def progress_plot(res: dict[str, Any], path: Path) -> Path | None:
@@ -1336,24 +1349,15 @@ def progress_plot(res: dict[str, Any], path: Path) -> Path | None:
     prog = {n: pts for n, pts in res.get("progress", {}).items() if len(pts) > 1}
     if not prog:
         return None
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    def draw(ax: Any) -> None:
+        for name, pts in sorted(prog.items(), key=lambda kv: -kv[1][-1]["steps_saved_fraction"]):
+            ax.plot([p["requests"] for p in pts], [p["steps_saved_fraction"] for p in pts], marker="o", label=name)
+        ax.set_ylim(bottom=0)  # ratios between policies read off the axis as drawn
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, pts in sorted(prog.items(), key=lambda kv: -kv[1][-1]["steps_saved_fraction"]):
-        ax.plot([p["requests"] for p in pts], [p["steps_saved_fraction"] for p in pts], marker="o", label=name)
-    ax.set_ylim(bottom=0)  # ratios between policies read off the axis as drawn
-    ax.set_xlabel("requests replayed (time-ordered trace)")
-    ax.set_ylabel("steps saved so far (Σ skipped / Σ requested)")
-    ax.set_title(f"dreambot trace, budget {res['budget_prompts']:,} prompts: steps saved along the trace")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    title = f"dreambot trace, budget {res['budget_prompts']:,} prompts: steps saved along the trace"
+    return _line_plot(path, draw, "requests replayed (time-ordered trace)",
+                      "steps saved so far (Σ skipped / Σ requested)", title)  # fmt: skip
 
 
 def trace_markdown(res: dict[str, Any], plot: Path | None = None, progress: Path | None = None) -> str:

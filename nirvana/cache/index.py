@@ -63,6 +63,7 @@ _DELETE_EMPTY_PROMPTS = (
 )
 
 _IMAGES = "FROM cache_prompts p JOIN cache_blobs b ON b.id = p.image_blob_id"  # the exact tier's images
+_FREED_STATE = "CASE WHEN s.borrowed THEN 0 ELSE b.bytes END"  # a borrowed state frees nothing
 
 
 def _prefix_within(source: str, ids: str, out: str, freed: str, keys: list[str], nulls_first: bool = False) -> str:
@@ -89,7 +90,7 @@ def eviction_queries(policy: EvictionPolicy) -> dict[str, str]:
     """The three eviction phases' candidate queries for ``policy`` (parameters ``bound``, ``batch``, ``now``,
     ``half_life``, ``floor``): ``images`` (phase 0: prompt id, image blob id), ``states`` (phase 1: state ids
     above each prompt's floor), ``prompts`` (phase 2: whole prompts, lowest best-state key first)."""
-    freed_state = "CASE WHEN s.borrowed THEN 0 ELSE b.bytes END"
+    freed_state = _FREED_STATE
     states = "FROM cache_states s JOIN cache_blobs b ON b.id = s.blob_id"
     if policy.min_states_per_prompt > 0:
         # The floor needs each state's rank within its prompt: rank every state, keep those above the floor.
@@ -112,7 +113,7 @@ def eviction_queries(policy: EvictionPolicy) -> dict[str, str]:
             "GROUP BY p.id",
             "p.id",
             "id",
-            "coalesce(sum(CASE WHEN s.borrowed THEN 0 ELSE b.bytes END), 0) + coalesce(max(ib.bytes), 0)",
+            f"coalesce(sum({_FREED_STATE}), 0) + coalesce(max(ib.bytes), 0)",
             [f"max({t0})", f"max({t1})", "p.id"],
             nulls_first=True,  # a prompt without states (only its image) goes first
         ),
