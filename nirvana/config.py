@@ -60,6 +60,9 @@ class Settings(BaseSettings):
     cache_image_budget_fraction: float = Field(
         0.1, ge=0, le=1, description="`ours`: share of the budget exact-tier images may keep when evicting"
     )  # = nirvana.cache.eviction.DEFAULT_IMAGE_BUDGET_FRACTION (config imports nothing of the cache)
+    cache_half_life_s: float = Field(
+        3600.0, gt=0, description="`ours`: half-life of a state's decayed use count (seconds)"
+    )  # = nirvana.cache.eviction.DEFAULT_HALF_LIFE_S
     cache_shared_pool: bool = False
 
     # Workers

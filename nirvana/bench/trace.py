@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from nirvana.cache.eviction import DEFAULT_IMAGE_BUDGET_FRACTION, DEFAULT_MIN_STATES_PER_PROMPT
+from nirvana.cache.eviction import DEFAULT_HALF_LIFE_S, DEFAULT_IMAGE_BUDGET_FRACTION, DEFAULT_MIN_STATES_PER_PROMPT
 
 log = logging.getLogger(__name__)
 
@@ -551,6 +551,9 @@ class PolicySpec:
             (``NIRVANA_CACHE_IMAGE_BUDGET_FRACTION``).
         floor: ``ours`` only: states kept per prompt while unprotected ones remain (``min_states_per_prompt``).
         floor_keeps: ``ours`` only: ``low_k`` or ``high_k``, which states the floor keeps on ties.
+        half_life_s: ``ours`` only: half-life of the decayed use counts, in seconds of the trace's clock; None
+            (the default) is the service's default for ``ours`` and stays None for the others, which keep no
+            decayed counts.
     """
 
     name: str
@@ -566,6 +569,11 @@ class PolicySpec:
     image_budget_fraction: float | None = DEFAULT_IMAGE_BUDGET_FRACTION
     floor: int = DEFAULT_MIN_STATES_PER_PROMPT
     floor_keeps: str = "low_k"
+    half_life_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.half_life_s is None and self.eviction == "ours":
+            object.__setattr__(self, "half_life_s", DEFAULT_HALF_LIFE_S)
 
     def k_policy(self) -> Any:
         from nirvana.cache.policy import KPolicy
@@ -582,6 +590,7 @@ class PolicySpec:
             min_states_per_prompt=self.floor,
             image_budget_fraction=self.image_budget_fraction,
             floor_keeps=self.floor_keeps,
+            **({} if self.half_life_s is None else {"half_life_s": self.half_life_s}),
         )
 
 
@@ -602,8 +611,8 @@ def default_specs(
                    note="LCBFU, fp32, new entry only after a miss (the public re-implementation)"),
         PolicySpec("ours", "ours", codec="fp16-zstd", exact_tier=True, gate=True,
                    image_budget_fraction=image_budget_fraction,
-                   note=f"k-weighted LRFU, no per-prompt floor, admission s>=0.99, fp16-zstd, exact tier (PNG, {cap}), "
-                        "gate"),
+                   note=f"k-weighted LRFU ({DEFAULT_HALF_LIFE_S / 3600:g} h half-life), no per-prompt floor, "
+                        f"admission s>=0.99, fp16-zstd, exact tier (PNG, {cap}), gate"),
         PolicySpec("ours_nocap", "ours", codec="fp16-zstd", exact_tier=True, gate=True, image_budget_fraction=None,
                    note="ours without the image cap (an image leaves only with its prompt's last state)"),
         PolicySpec("ours_noexact", "ours", codec="fp16-zstd", gate=True,
@@ -638,6 +647,11 @@ def ablation_specs(image_budget_fraction: float | None = DEFAULT_IMAGE_BUDGET_FR
                 note="ours, the floor keeps a prompt's two highest-k states on ties"),
         replace(ours, name="ours_floor1_high", floor=1, floor_keeps="high_k",
                 note="ours, the floor keeps a prompt's highest-k state on ties"),
+        replace(ours, name="ours_hl6h", half_life_s=6 * 3600.0,
+                note="ours with a 6 h half-life of the use counts (the default before session 8)"),
+        replace(ours, name="ours_hl10m", half_life_s=600.0, note="ours with a 10 min half-life of the use counts"),
+        replace(ours, name="ours_int8", codec="int8-zstd",
+                note="ours with int8-zstd states (0.23 x fp32; the same resumed images as fp16 on the bundled model)"),
     ]  # fmt: skip
 
 
@@ -1197,6 +1211,11 @@ def requests_digest(reqs: Sequence[TraceRequest]) -> str:
     return h.hexdigest()
 
 
+# PolicySpec fields added after checkpoints were written, with the value that reproduces the behaviour before
+# them: at that value a field is left out of the fingerprint, so the older checkpoints stay valid.
+_FIELDS_ADDED_LATER: dict[str, Any] = {"half_life_s": None}
+
+
 def replay_fingerprint(reqs_digest: str, spec: PolicySpec, common: dict[str, Any]) -> str:
     """A hash of everything one replay's row depends on except the budget: the requests (``reqs_digest``, from
     :func:`requests_digest`), the policy's settings (and its K table's content), the size and cost models and the
@@ -1210,7 +1229,8 @@ def replay_fingerprint(reqs_digest: str, spec: PolicySpec, common: dict[str, Any
     import json
 
     h = hashlib.blake2b(digest_size=16)
-    h.update(json.dumps({"spec": asdict(spec), "requests": reqs_digest, **common}, sort_keys=True,
+    settings = {k: v for k, v in asdict(spec).items() if k not in _FIELDS_ADDED_LATER or _FIELDS_ADDED_LATER[k] != v}
+    h.update(json.dumps({"spec": settings, "requests": reqs_digest, **common}, sort_keys=True,
                         default=str).encode())  # fmt: skip
     if spec.table != "paper":
         h.update(Path(spec.table).read_bytes())

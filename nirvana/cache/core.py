@@ -34,6 +34,7 @@ import numpy as np
 
 from nirvana.cache.embedder import Embedder, MiniLMEmbedder, normalize
 from nirvana.cache.eviction import (
+    DEFAULT_HALF_LIFE_S,
     DEFAULT_IMAGE_BUDGET_FRACTION,
     DEFAULT_MIN_STATES_PER_PROMPT,
     EvictionPolicy,
@@ -151,6 +152,8 @@ class ApproximateCache:
             (``ours`` only: images beyond it go first, least recently used; None: no cap; ignored when
             ``eviction`` is an instance).
         codec: codec for new states.
+        half_life_s: half-life of the decayed use counts of ``ours`` (ignored by the others, and when
+            ``eviction`` is an instance).
         ef_search: HNSW candidate list size per query.
         exact_tier: serve identical requests from the stored final image.
         gate_enforce: skip the lookup when the gate says novel; False = shadow mode (decision recorded, lookup
@@ -181,7 +184,7 @@ class ApproximateCache:
         max_scan_tuples: int = 20000,
         clock: Callable[[], float] = time.time,
         max_prompt_chars: int = 1000,
-        half_life_s: float = 6 * 3600.0,
+        half_life_s: float = DEFAULT_HALF_LIFE_S,
         pool_size: int = 4,
         image_budget_fraction: float | None = DEFAULT_IMAGE_BUDGET_FRACTION,
     ) -> None:
@@ -252,13 +255,12 @@ class ApproximateCache:
             "budget_bytes": settings.cache_budget_bytes,
             "min_states_per_prompt": settings.cache_min_states_per_prompt,
             "image_budget_fraction": settings.cache_image_budget_fraction,
+            "half_life_s": settings.cache_half_life_s,
             "codec": settings.cache_codec,
             "ef_search": settings.cache_ef_search,
             "exact_tier": settings.cache_exact_tier,
             "max_prompt_chars": settings.max_prompt_chars,
         }
-        if getattr(settings, "cache_half_life_s", None):
-            opts["half_life_s"] = settings.cache_half_life_s
         opts.update(kwargs)
         return cls(
             settings.database_url,

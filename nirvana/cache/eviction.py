@@ -51,6 +51,11 @@ FLOOR_KEEPS = ("low_k", "high_k")
 # trace (1,800 requests) a floor of 2 saved 0.063 of steps at a 100-prompt budget, none 0.084 (LRU 0.093), and
 # never less at larger budgets (docs/BENCHMARKS.md): kept lowest-k states serve many hits at few steps each.
 DEFAULT_MIN_STATES_PER_PROMPT = 0
+# Half-life of ``ours``'s decayed use counts (NIRVANA_CACHE_HALF_LIFE_S). 1 h since session 8: on the dreambot
+# trace (20,004 requests, 1,000-prompt budget) 6 h saved 0.127 of steps, 1 h 0.140 (10 min 0.140; LRU 0.136), and
+# at the default budget 1 h was level with 6 h (0.1807 vs 0.1805 after 40k requests; docs/BENCHMARKS.md). With a
+# long half-life a state's put counts as a use for hours, so stale k = 25 states outlive fresh prompts.
+DEFAULT_HALF_LIFE_S = 3600.0
 
 
 @dataclass
@@ -97,7 +102,7 @@ class EvictionPolicy:
 
     def __init__(
         self,
-        half_life_s: float = 6 * 3600.0,
+        half_life_s: float = DEFAULT_HALF_LIFE_S,
         insert_credit: float = 1.0,
         min_states_per_prompt: int = 0,
         image_budget_fraction: float | None = None,
@@ -299,7 +304,7 @@ class OursPolicy(EvictionPolicy):
 
     def __init__(
         self,
-        half_life_s: float = 6 * 3600.0,
+        half_life_s: float = DEFAULT_HALF_LIFE_S,
         insert_credit: float = 1.0,
         min_states_per_prompt: int = DEFAULT_MIN_STATES_PER_PROMPT,
         dedup_similarity: float = 0.99,

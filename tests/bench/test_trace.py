@@ -32,6 +32,7 @@ from nirvana.bench.trace import (
     parse_row,
     read_trace,
     replay,
+    replay_fingerprint,
     step_cost_512,
 )
 from nirvana.services.postgres import EmbeddedPostgres
@@ -296,6 +297,18 @@ class _HashEmbedder:
         out = np.stack([np.random.default_rng(int.from_bytes(_key(t)[:8], "little")).normal(size=self.dim)
                         for t in texts]) if texts else np.zeros((0, self.dim))  # fmt: skip
         return (out / np.linalg.norm(out, axis=1, keepdims=True)).astype(np.float32) if texts else out
+
+
+def test_a_spec_field_added_later_keeps_older_fingerprints() -> None:
+    """Checkpoints written before ``half_life_s`` existed stay valid where it changes nothing, and only there.
+
+    The expected values were computed by the code of a76bb29 (before the field) on the same inputs."""
+    specs = {sp.name: sp for sp in default_specs(Path("/nonexistent.json"))}
+    before = {"paper": "ad26b31bb65af45955794b70298f5897", "lru": "bd0eff812008036165ab19f5eea032bc",
+              "unbounded": "1412d7a6f9aadd291beff45fdbf4698c", "ours": "326aeaa9e67c5a1b817dcad636618e43"}  # fmt: skip
+    now = {name: replay_fingerprint("d", specs[name], {"step_cost_s": 0.1}) for name in before}
+    assert {n: now[n] == before[n] for n in before} == {"paper": True, "lru": True, "unbounded": True, "ours": False}
+    assert specs["lru"].half_life_s is None and specs["ours"].half_life_s == 3600.0
 
 
 def test_resume_reuses_only_replays_with_a_matching_fingerprint(

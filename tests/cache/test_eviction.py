@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 import uuid
+from pathlib import Path
 
 import numpy as np
 import psycopg
 import pytest
 
 from nirvana.cache.eviction import (
+    DEFAULT_HALF_LIFE_S,
     EvictionPolicy,
     OursPolicy,
     PaperLCBFU,
@@ -116,6 +118,27 @@ def test_admission() -> None:
     assert not ours.admit(0.995, "approximate") and not ours.admit(1.0, "exact")
     assert paper.admit(0.999, "approximate") and not paper.admit(1.0, "exact")
     assert paper_miss.admit(None, "miss") and not paper_miss.admit(0.7, "approximate")
+
+
+def test_half_life_setting_reaches_the_policy(monkeypatch: pytest.MonkeyPatch, pg_url: str, tmp_path: Path) -> None:
+    from pydantic import ValidationError
+
+    from nirvana.bench.trace import default_specs
+    from nirvana.cache.core import ApproximateCache
+    from nirvana.cache.embedder import MiniLMEmbedder
+    from nirvana.config import Settings
+
+    assert Settings().cache_half_life_s == DEFAULT_HALF_LIFE_S == OursPolicy().half_life_s
+    monkeypatch.setenv("NIRVANA_CACHE_HALF_LIFE_S", "600")
+    s = Settings(database_url=pg_url, storage_url=str(tmp_path / "blobs"))
+    with ApproximateCache.from_settings(s, embedder=MiniLMEmbedder()) as cache:
+        assert cache.eviction.name == "ours" and cache.eviction.half_life_s == 600.0
+    monkeypatch.setenv("NIRVANA_CACHE_HALF_LIFE_S", "0")
+    with pytest.raises(ValidationError, match="cache_half_life_s"):
+        Settings()
+    # The trace bench's ours is the service's default.
+    ours = next(sp for sp in default_specs(Path("/nonexistent.json")) if sp.name == "ours")
+    assert ours.eviction_policy().half_life_s == DEFAULT_HALF_LIFE_S
 
 
 def test_bad_arguments() -> None:
