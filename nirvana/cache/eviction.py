@@ -53,7 +53,7 @@ FLOOR_KEEPS = ("low_k", "high_k")
 DEFAULT_MIN_STATES_PER_PROMPT = 0
 # Half-life of ``ours``'s decayed use counts (NIRVANA_CACHE_HALF_LIFE_S). 1 h since session 8: on the dreambot
 # trace (20,004 requests, 1,000-prompt budget) 6 h saved 0.127 of steps, 1 h 0.140 (10 min 0.140; LRU 0.136), and
-# at the default budget 1 h was level with 6 h (0.1807 vs 0.1805 after 40k requests; docs/BENCHMARKS.md). With a
+# at the default budget 1 h was level with 6 h (0.1863 vs 0.1862 after 60k requests; docs/BENCHMARKS.md). With a
 # long half-life a state's put counts as a use for hours, so stale k = 25 states outlive fresh prompts.
 DEFAULT_HALF_LIFE_S = 3600.0
 
