@@ -952,7 +952,8 @@ def _run_task(task: tuple[str, str, tuple[int, ...]]) -> list[tuple[str, str, in
 
     Budgets run in ascending order; once a replay evicted nothing, every larger budget would replay the same way
     (the budget only matters through eviction; see :func:`replay_fingerprint` on determinism), so those rows are
-    copies of it marked ``same_as_budget_bytes`` instead of being run again.
+    copies of it marked ``same_as_budget_bytes`` instead of being run again. Each row goes to the checkpoint as
+    soon as it exists, so a task stopped part-way keeps the budgets it finished.
     """
     dataset, name, budgets = task
     d = _SHARED
@@ -961,9 +962,15 @@ def _run_task(task: tuple[str, str, tuple[int, ...]]) -> list[tuple[str, str, in
     server: _Server = d["server"]
     out: list[tuple[str, str, int, dict[str, Any]]] = []
     done: dict[str, Any] | None = None
+
+    def finished(budget: int, row: dict[str, Any]) -> None:
+        if d["checkpoint"] is not None:
+            _append_checkpoint(d["checkpoint"], dataset, name, budget, d["fps"][(dataset, name)], row)
+        out.append((dataset, name, budget, row))
+
     for budget in sorted(budgets):
         if done is not None:
-            out.append((dataset, name, budget, {**done, "same_as_budget_bytes": done["budget_bytes"]}))
+            finished(budget, {**done, "same_as_budget_bytes": done["budget_bytes"]})
             continue
         label = f"{name}@{budget // max(d['sizes'].prompt_bytes_fp32_512(), 1)}p/{dataset}"
 
@@ -983,7 +990,7 @@ def _run_task(task: tuple[str, str, tuple[int, ...]]) -> list[tuple[str, str, in
             server.drop(url)
         if d["verbose"]:
             log.info("done %s: steps saved %.4f in %.0f s", label, row["steps_saved_fraction"], row["timing"]["wall_s"])
-        out.append((dataset, name, budget, row))
+        finished(budget, row)
         if row["evictions"] == 0 or not spec.bounded:
             done = row
     return out
@@ -1139,10 +1146,10 @@ def run_trace_bench(
 
             with mp.get_context("fork").Pool(min(jobs, len(todo))) as pool:
                 for rows in pool.imap_unordered(_run_task, todo):
-                    _collect(rows, results, checkpoint, fps)
+                    results.update({(ds, name, b): row for ds, name, b, row in rows})
         else:
             for t in todo:
-                _collect(_run_task(t), results, checkpoint, fps)
+                results.update({(ds, name, b): row for ds, name, b, row in _run_task(t)})
     finally:
         _SHARED.clear()
         server.close()
@@ -1281,18 +1288,6 @@ def _progress(
         pts[name][int(row["requests"])] = row
     keys = ("requests", "hit_rate", "steps_saved_fraction")
     return {n: [{k: r[k] for k in keys} for _, r in sorted(p.items())] for n, p in pts.items()}
-
-
-def _collect(
-    rows: list[tuple[str, str, int, dict[str, Any]]],
-    results: dict[tuple[str, str, int], dict[str, Any]],
-    checkpoint: Path | None,
-    fps: dict[tuple[str, str], str],
-) -> None:
-    for ds, name, b, row in rows:
-        results[(ds, name, b)] = row
-        if checkpoint is not None:
-            _append_checkpoint(checkpoint, ds, name, b, fps[(ds, name)], row)
 
 
 def _append_checkpoint(

@@ -373,3 +373,42 @@ def test_resume_reuses_only_replays_with_a_matching_fingerprint(
     calls.clear()
     trace_mod.run_trace_bench([trace], **kw)
     assert sorted(calls) == ["lru", "paper"]
+
+
+def test_a_task_stopped_part_way_keeps_the_budgets_it_finished(
+    tmp_path: Path, pg_server: EmbeddedPostgres, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One task replays a policy's budgets in turn; each finished budget is checkpointed at once, so a run killed
+    during the next one resumes with only what is left."""
+    import nirvana.bench.trace as trace_mod
+
+    base = ["a castle", "a red fox", "a castle at night", "a blue boat", "a red fox in snow"]
+    trace = _write_trace(tmp_path / "t.trace.csv.gz", [_row(i, base[i % 5], seed=i) for i in range(30)])
+    ckpt = tmp_path / "ck.jsonl"
+    kw: dict[str, Any] = dict(budget_prompts=1, policies=["lru"], sweep_budgets=(1, 2), verbose=False,
+                              database_url=pg_server.url(), cache_dir=tmp_path / "emb", embedder=_HashEmbedder(),
+                              checkpoint=ckpt, snapshot_every=0)  # fmt: skip
+    real_replay = trace_mod.replay
+    calls: list[int] = []
+
+    def stopped_at_the_second(*a: Any, **k: Any) -> dict[str, Any]:
+        calls.append(a[4])
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the run is stopped during the second budget
+        return real_replay(*a, **k)
+
+    monkeypatch.setattr(trace_mod, "replay", stopped_at_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        trace_mod.run_trace_bench([trace], **kw)
+    small, large = calls
+    assert small < large
+    lines = [json.loads(x) for x in ckpt.read_text().splitlines()]
+    assert [(x["policy"], x["budget_bytes"], x.get("partial")) for x in lines] == [("lru", small, None)]
+    assert lines[0]["row"]["evictions"] > 0  # so the larger budget is a replay of its own, not a copy
+
+    calls.clear()
+    monkeypatch.setattr(trace_mod, "replay", lambda *a, **k: calls.append(a[4]) or real_replay(*a, **k))
+    res = trace_mod.run_trace_bench([trace], resume=True, **kw)
+    assert calls == [large]
+    row = res["policies"]["lru"]
+    assert {k: v for k, v in row.items() if k not in ("note", "codec", "table")} == lines[0]["row"]
