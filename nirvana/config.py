@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     cache_policy_table: Path | None = None
     cache_ef_search: int = Field(100, ge=1, le=1000)
     cache_novelty_gate: bool = True
+    cache_gate_enforce: bool = Field(
+        False, description="skip the lookup when the gate says novel (off: shadow mode, the decision is only recorded)"
+    )  # = nirvana.cache.gate.DEFAULT_GATE_ENFORCE
     cache_exact_tier: bool = True
     cache_image_budget_fraction: float = Field(
         0.1, ge=0, le=1, description="`ours`: share of the budget exact-tier images may keep when evicting"

@@ -40,7 +40,7 @@ from nirvana.cache.eviction import (
     EvictionPolicy,
     make_policy,
 )
-from nirvana.cache.gate import GateModel, NoveltyGate
+from nirvana.cache.gate import DEFAULT_GATE_ENFORCE, GateModel, NoveltyGate
 from nirvana.cache.index import CacheIndex, NewImage, NewPrompt, NewState, Space, configure_connection
 from nirvana.cache.policy import KPolicy
 from nirvana.cache.store import BlobCorrupt, BlobMissing, BlobUnavailable, LatentStore
@@ -156,8 +156,9 @@ class ApproximateCache:
             ``eviction`` is an instance).
         ef_search: HNSW candidate list size per query.
         exact_tier: serve identical requests from the stored final image.
-        gate_enforce: skip the lookup when the gate says novel; False = shadow mode (decision recorded, lookup
-            still runs) so a benchmark can count the hits the gate would lose.
+        gate_enforce: skip the lookup when the gate says novel; False (default, ``gate.DEFAULT_GATE_ENFORCE``) =
+            shadow mode: the decision is recorded, the lookup still runs, so the hits the gate would lose can
+            be counted.
         candidates: nearest prompts examined per lookup (a neighbour whose states were all evicted is
         skipped).
         max_scan_tuples: bound on pgvector's iterative scan under the namespace filter.
@@ -179,7 +180,7 @@ class ApproximateCache:
         ef_search: int = 100,
         exact_tier: bool = True,
         *,
-        gate_enforce: bool = True,
+        gate_enforce: bool = DEFAULT_GATE_ENFORCE,
         candidates: int = 4,
         max_scan_tuples: int = 20000,
         clock: Callable[[], float] = time.time,
@@ -252,6 +253,7 @@ class ApproximateCache:
         opts: dict[str, Any] = {
             "eviction": settings.cache_policy,
             "gate": NoveltyGate() if settings.cache_novelty_gate else None,
+            "gate_enforce": settings.cache_gate_enforce,
             "budget_bytes": settings.cache_budget_bytes,
             "min_states_per_prompt": settings.cache_min_states_per_prompt,
             "image_budget_fraction": settings.cache_image_budget_fraction,

@@ -6,7 +6,10 @@ over ``jobs`` (fine to millions of rows; a larger deployment would prune finishe
 
 Series: ``nirvana_jobs{state}``, ``nirvana_cache_hits_total{tier}``, ``nirvana_cache_k`` (histogram of K over
 approximate hits), ``nirvana_steps_total`` / ``nirvana_steps_saved_total``, ``nirvana_stage_seconds{stage}``
-(queue, wait_render, render, total, engine) and ``nirvana_service_overhead_seconds`` (total − engine).
+(queue, wait_render, render, total, engine), ``nirvana_service_overhead_seconds`` (total − engine), and the
+novelty gate's verdicts: ``nirvana_gate_novel_total{tier}`` / ``nirvana_gate_novel_steps_saved_total`` count the
+finished jobs it flagged novel and the steps they still saved — in shadow mode (the default) that is what
+enforcing the gate would cost (``NIRVANA_CACHE_GATE_ENFORCE``).
 """
 
 from __future__ import annotations
@@ -61,7 +64,9 @@ class JobsCollector(Collector):
             }
             tiers = c.execute(
                 "SELECT tier, count(*) AS n, coalesce(sum(steps), 0) AS steps, "
-                "coalesce(sum(steps - steps_run), 0) AS saved FROM jobs WHERE status = 'done' GROUP BY tier"
+                "coalesce(sum(steps - steps_run), 0) AS saved, count(*) FILTER (WHERE gate_novel) AS novel, "
+                "coalesce(sum(steps - steps_run) FILTER (WHERE gate_novel), 0) AS novel_saved "
+                "FROM jobs WHERE status = 'done' GROUP BY tier"
             ).fetchall()
             k_row = c.execute(
                 _hist_sql("k", tuple(float(b) for b in K_BUCKETS)).replace(
@@ -78,23 +83,35 @@ class JobsCollector(Collector):
         hits = CounterMetricFamily("nirvana_cache_hits", "Finished jobs by cache tier", labels=["tier"])
         steps = CounterMetricFamily("nirvana_steps", "Denoising steps requested by finished jobs")
         saved = CounterMetricFamily("nirvana_steps_saved", "Denoising steps skipped thanks to the cache")
-        total_steps = total_saved = 0.0
-        seen = set()
+        novel = CounterMetricFamily(
+            "nirvana_gate_novel", "Finished jobs the novelty gate flagged novel, by the tier they got", labels=["tier"]
+        )
+        novel_saved = CounterMetricFamily(
+            "nirvana_gate_novel_steps_saved", "Steps still skipped by jobs the gate flagged novel (shadow mode)"
+        )
+        total_steps = total_saved = total_novel_saved = 0.0
+        by_tier = {"exact": (0.0, 0.0), "approximate": (0.0, 0.0), "miss": (0.0, 0.0)}
         for r in tiers:
-            d = r if isinstance(r, dict) else dict(zip(("tier", "n", "steps", "saved"), r, strict=True))
-            tier = d["tier"] or "miss"
-            seen.add(tier)
-            hits.add_metric([tier], float(d["n"]))
+            d = (
+                r
+                if isinstance(r, dict)
+                else dict(zip(("tier", "n", "steps", "saved", "novel", "novel_saved"), r, strict=True))
+            )
+            by_tier[d["tier"] or "miss"] = (float(d["n"]), float(d["novel"]))
             total_steps += float(d["steps"])
             total_saved += float(d["saved"])
-        for tier in ("exact", "approximate", "miss"):
-            if tier not in seen:
-                hits.add_metric([tier], 0.0)
+            total_novel_saved += float(d["novel_saved"])
+        for tier, (n, n_novel) in by_tier.items():
+            hits.add_metric([tier], n)
+            novel.add_metric([tier], n_novel)
         steps.add_metric([], total_steps)
         saved.add_metric([], total_saved)
+        novel_saved.add_metric([], total_novel_saved)
         yield hits
         yield steps
         yield saved
+        yield novel
+        yield novel_saved
 
         kb, ksum = _buckets(k_row, tuple(float(b) for b in K_BUCKETS))
         kh = HistogramMetricFamily("nirvana_cache_k", "K (steps skipped) of approximate hits")

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from nirvana.cache.core import ApproximateCache, Namespace
+from nirvana.cache.embedder import MiniLMEmbedder
 from nirvana.cache.gate import NoveltyGate
 from nirvana.cache.store import LatentStore
 from tests.cache.helpers import at_similarity, make_cache, request, states, unit
@@ -245,7 +246,7 @@ def test_eviction_sweep_and_virtual_states(new_database: Callable[..., str], tmp
         assert list(store.iter_objects(0)) == []
 
 
-def test_gate_enforce_and_shadow(new_database: Callable[..., str], tmp_path: Path) -> None:
+def test_gate_shadow_by_default_and_enforced_on_request(new_database: Callable[..., str], tmp_path: Path) -> None:
     url = new_database()
     ns = Namespace("m", "gate")
     gate = NoveltyGate(nu=0.05, gamma=2.0, min_samples=20, reload_s=0.0)
@@ -258,14 +259,30 @@ def test_gate_enforce_and_shadow(new_database: Callable[..., str], tmp_path: Pat
             cache.record_virtual(f"g{i}", request(v, ns, prompt=f"p{i}"), None, bytes_per_state=10)
         assert cache.refit_gate() == {"fitted": 1, "removed": 0, "unchanged": 0, "namespaces": 1}
         assert cache.refit_gate()["unchanged"] == 1
-        far = cache.lookup(request(unit(rng), ns, seed=5))
-        assert far.gate_novel is True and far.gate_skipped_lookup and far.candidates == 0 and far.tier == "miss"
+        # Default: shadow mode — the verdict is recorded, the lookup still runs (and may hit).
+        assert cache.gate_enforce is False
+        far = cache.lookup(request(at_similarity(center, 0.1, rng), ns, seed=5))
+        assert far.gate_novel is True and not far.gate_skipped_lookup and far.candidates > 0
         assert far.gate_score is not None and far.gate_score < 0
         near = cache.lookup(request(at_similarity(center, 0.95, rng), ns, seed=5))
         assert near.gate_novel is False and near.tier == "approximate"
-        cache.gate_enforce = False  # shadow mode: decision recorded, lookup still runs
-        far2 = cache.lookup(request(at_similarity(center, 0.1, rng), ns, seed=5))
-        assert far2.gate_novel is True and not far2.gate_skipped_lookup and far2.candidates > 0
+        cache.gate_enforce = True  # enforced: a novel prompt's lookup is skipped
+        far2 = cache.lookup(request(unit(rng), ns, seed=5))
+        assert far2.gate_novel is True and far2.gate_skipped_lookup and far2.candidates == 0 and far2.tier == "miss"
+
+
+def test_gate_enforce_setting_is_wired(monkeypatch: pytest.MonkeyPatch, pg_url: str, tmp_path: Path) -> None:
+    from nirvana.cache.gate import DEFAULT_GATE_ENFORCE
+    from nirvana.config import Settings
+
+    s = Settings(database_url=pg_url, storage_url=str(tmp_path / "blobs"))
+    assert s.cache_gate_enforce is DEFAULT_GATE_ENFORCE is False
+    with ApproximateCache.from_settings(s, embedder=MiniLMEmbedder()) as cache:
+        assert cache.gate is not None and cache.gate_enforce is False
+    monkeypatch.setenv("NIRVANA_CACHE_GATE_ENFORCE", "true")
+    s = Settings(database_url=pg_url, storage_url=str(tmp_path / "blobs"))
+    with ApproximateCache.from_settings(s, embedder=MiniLMEmbedder()) as cache:
+        assert cache.gate_enforce is True
 
 
 def test_a_hit_updates_its_rows_in_place(new_database: Callable[..., str], tmp_path: Path) -> None:

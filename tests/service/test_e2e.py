@@ -237,6 +237,7 @@ def test_metrics_and_stats(client: Client) -> None:
         "nirvana_cache_k_bucket",
         "nirvana_steps_saved_total",
         "nirvana_stage_seconds_bucket",
+        "nirvana_gate_novel_total{",
     ):
         assert series in text, series
     s = client.cache_stats()

@@ -1,0 +1,48 @@
+"""The Prometheus collector against a real jobs table: tiers, steps saved and the novelty gate's shadow verdicts."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from nirvana.service.jobs import JobStore, NewJob
+from nirvana.service.metrics import JobsCollector
+
+
+def _finished_job(store: JobStore, tier: str, k: int, gate_novel: bool | None, steps: int = 50) -> None:
+    jid = uuid.uuid4().hex
+    store.create(NewJob(jid, "alice", f"prompt {jid}", "", 1, steps, 7.0, 32, 32, "bundled", "m-32x32-ddim",
+                        "render.bundled", "auto", jid))  # fmt: skip
+    assert store.claim_route(jid) is not None
+    assert store.set_plan(jid, {"tier": tier, "k": k, "gate_novel": gate_novel}) is not None
+    assert store.claim_render(jid, 0, "w1") is not None
+    assert store.finish(jid, 1, f"file:///{jid}.png", 10, k, steps - k, 1.0)
+
+
+def _samples(collector: JobsCollector) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    for family in collector.collect():
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def test_gate_verdicts_are_counted_by_tier(new_database: Callable[..., str]) -> None:
+    store = JobStore.connect(new_database(), max_size=2)
+    try:
+        _finished_job(store, "approximate", 20, gate_novel=True)  # a hit enforcing the gate would have lost
+        _finished_job(store, "approximate", 10, gate_novel=False)
+        _finished_job(store, "miss", 0, gate_novel=True)
+        _finished_job(store, "miss", 0, gate_novel=None)  # no gate model yet
+        m: dict[Any, float] = _samples(JobsCollector(store.pool))
+    finally:
+        store.close()
+    assert m[("nirvana_cache_hits_total", (("tier", "approximate"),))] == 2
+    assert m[("nirvana_cache_hits_total", (("tier", "miss"),))] == 2
+    assert m[("nirvana_cache_hits_total", (("tier", "exact"),))] == 0
+    assert m[("nirvana_steps_saved_total", ())] == 30
+    assert m[("nirvana_gate_novel_total", (("tier", "approximate"),))] == 1
+    assert m[("nirvana_gate_novel_total", (("tier", "miss"),))] == 1
+    assert m[("nirvana_gate_novel_total", (("tier", "exact"),))] == 0
+    assert m[("nirvana_gate_novel_steps_saved_total", ())] == 20
