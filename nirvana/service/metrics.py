@@ -97,7 +97,9 @@ class JobsCollector(Collector):
                 if isinstance(r, dict)
                 else dict(zip(("tier", "n", "steps", "saved", "novel", "novel_saved"), r, strict=True))
             )
-            by_tier[d["tier"] or "miss"] = (float(d["n"]), float(d["novel"]))
+            # A job without a tier (cache off) counts as a miss: add, since a real 'miss' row may exist too.
+            n, n_novel = by_tier.get(d["tier"] or "miss", (0.0, 0.0))
+            by_tier[d["tier"] or "miss"] = (n + float(d["n"]), n_novel + float(d["novel"]))
             total_steps += float(d["steps"])
             total_saved += float(d["saved"])
             total_novel_saved += float(d["novel_saved"])

@@ -35,11 +35,14 @@ def test_gate_verdicts_are_counted_by_tier(new_database: Callable[..., str]) -> 
         _finished_job(store, "approximate", 10, gate_novel=False)
         _finished_job(store, "miss", 0, gate_novel=True)
         _finished_job(store, "miss", 0, gate_novel=None)  # no gate model yet
+        _finished_job(store, "miss", 0, gate_novel=None)
+        with store.conn() as c:  # a job rendered with the cache off has no tier: counted as a miss, not twice
+            c.execute("UPDATE jobs SET tier = NULL WHERE id = (SELECT id FROM jobs WHERE gate_novel IS NULL LIMIT 1)")
         m: dict[Any, float] = _samples(JobsCollector(store.pool))
     finally:
         store.close()
     assert m[("nirvana_cache_hits_total", (("tier", "approximate"),))] == 2
-    assert m[("nirvana_cache_hits_total", (("tier", "miss"),))] == 2
+    assert m[("nirvana_cache_hits_total", (("tier", "miss"),))] == 3
     assert m[("nirvana_cache_hits_total", (("tier", "exact"),))] == 0
     assert m[("nirvana_steps_saved_total", ())] == 30
     assert m[("nirvana_gate_novel_total", (("tier", "approximate"),))] == 1
