@@ -63,10 +63,11 @@ class JobsCollector(Collector):
                 for r in c.execute("SELECT status, count(*) AS n FROM jobs GROUP BY status").fetchall()
             }
             tiers = c.execute(
-                "SELECT tier, count(*) AS n, coalesce(sum(steps), 0) AS steps, "
+                # A job without a tier (cache off) is a miss; grouping on the coalesced tier keeps one row per tier.
+                "SELECT coalesce(tier, 'miss') AS tier, count(*) AS n, coalesce(sum(steps), 0) AS steps, "
                 "coalesce(sum(steps - steps_run), 0) AS saved, count(*) FILTER (WHERE gate_novel) AS novel, "
                 "coalesce(sum(steps - steps_run) FILTER (WHERE gate_novel), 0) AS novel_saved "
-                "FROM jobs WHERE status = 'done' GROUP BY tier"
+                "FROM jobs WHERE status = 'done' GROUP BY 1"
             ).fetchall()
             k_row = c.execute(
                 _hist_sql("k", tuple(float(b) for b in K_BUCKETS)).replace(
@@ -97,9 +98,7 @@ class JobsCollector(Collector):
                 if isinstance(r, dict)
                 else dict(zip(("tier", "n", "steps", "saved", "novel", "novel_saved"), r, strict=True))
             )
-            # A job without a tier (cache off) counts as a miss: add, since a real 'miss' row may exist too.
-            n, n_novel = by_tier.get(d["tier"] or "miss", (0.0, 0.0))
-            by_tier[d["tier"] or "miss"] = (n + float(d["n"]), n_novel + float(d["novel"]))
+            by_tier[d["tier"]] = (float(d["n"]), float(d["novel"]))
             total_steps += float(d["steps"])
             total_saved += float(d["saved"])
             total_novel_saved += float(d["novel_saved"])
