@@ -19,8 +19,9 @@ from typing import Any
 import torch
 
 from nirvana.config import BUNDLED_MODEL, bundled_model_dir
+from nirvana.engine.denoisers import Denoiser, UNetDenoiser
 from nirvana.engine.latents import LatentSpace, PixelUnshuffleSpace, VaeSpace
-from nirvana.engine.state import scheduler_family
+from nirvana.engine.state import make_model_key, scheduler_family, scheduler_signature
 from nirvana.engine.text import ClipPromptEncoder, MiniLMTokenEncoder, PromptEncoder
 
 log = logging.getLogger(__name__)
@@ -29,14 +30,26 @@ BUNDLED_CLASS = "NirvanaPixelPipeline"
 SD_CLASSES = {"StableDiffusionPipeline", "StableDiffusionXLPipeline"}
 
 
+# Families with a resume rule (docs/ENGINE.md); anything else is swapped or refused at load time.
+NOISE_FAMILIES = ("ddim", "euler", "dpmsolver++")
+FLOW_FAMILIES = ("flowmatch-euler",)
+RESUMABLE_FAMILIES = NOISE_FAMILIES + FLOW_FAMILIES
+
+
 def scheduler_classes() -> dict[str, Any]:
     """Scheduler families the engine knows how to resume (see ``docs/ENGINE.md``)."""
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+    from diffusers import (
+        DDIMScheduler,
+        DPMSolverMultistepScheduler,
+        EulerDiscreteScheduler,
+        FlowMatchEulerDiscreteScheduler,
+    )
 
     return {
         "ddim": DDIMScheduler,
         "euler": EulerDiscreteScheduler,
         "dpmsolver++": DPMSolverMultistepScheduler,
+        "flowmatch-euler": FlowMatchEulerDiscreteScheduler,
     }
 
 
@@ -51,22 +64,57 @@ def make_scheduler(base_config: Any, family: str) -> Any:
     return classes[family].from_config(base_config, **kwargs)
 
 
+def resumable_scheduler(scheduler: Any, requested: str, flow: bool, ref: str) -> Any:
+    """The scheduler the engine runs: ``requested`` (``NIRVANA_SCHEDULER``) built from the checkpoint's config,
+    or the checkpoint's own when it has a resume rule, else a swap logged with both names.
+
+    Why: a scheduler without a resume rule (PNDM, SD 1.5's default, runs N + 1 timesteps and a multistep
+    warm-up) cannot serve cached states correctly; serving it silently would corrupt every hit.
+
+    Raises:
+        ValueError: the requested family does not fit the model (a noise-prediction scheduler for a
+            flow-matching model or the reverse), naming the setting.
+    """
+    allowed = FLOW_FAMILIES if flow else NOISE_FAMILIES
+    if requested != "default":
+        if requested not in allowed:
+            kind = "flow-matching" if flow else "noise-prediction"
+            raise ValueError(
+                f"scheduler (NIRVANA_SCHEDULER): {requested!r} cannot run {ref}, a {kind} model; use one of "
+                f"{list(allowed)} or 'default'"
+            )
+        return make_scheduler(scheduler.config, requested)
+    own = scheduler_family(scheduler)
+    if own in allowed:
+        return scheduler
+    swap = allowed[0]
+    log.warning(
+        "%s: its default scheduler %s has no resume rule; serving with %s built from its config "
+        "(set NIRVANA_SCHEDULER to one of %s to choose)",
+        ref,
+        type(scheduler).__name__,
+        swap,
+        list(allowed),
+    )
+    return make_scheduler(scheduler.config, swap)
+
+
 @dataclass
 class ModelComponents:
     """Everything the engine needs; built once per process (never before a fork).
 
     Attributes:
         ref: what the user asked for ("bundled", a hub id or a directory).
-        checkpoint_id: content identity of the weights (part of every ``model_key``).
+        checkpoint_id: content identity of the weights (part of every ``model_key``; hub ids carry the
+            revision).
+        denoiser: the family's adapter around its network (``nirvana/engine/denoisers.py``).
+        scheduler: a template the engine core copies per request (never stepped itself).
         sample_size: default (height, width) in pixels.
-        sdxl: the UNet needs SDXL's ``added_cond_kwargs``.
-        coord_channels: 0, or 2 when the UNet takes ``coordinate_channels`` after the latent (in_channels =
-            latent channels + 2); states and resumption only ever see the latent.
     """
 
     ref: str
     checkpoint_id: str
-    unet: Any
+    denoiser: Denoiser
     scheduler: Any
     encoder: PromptEncoder
     space: LatentSpace
@@ -74,8 +122,6 @@ class ModelComponents:
     default_guidance: float
     device: torch.device
     dtype: torch.dtype
-    sdxl: bool = False
-    coord_channels: int = 0
 
     @property
     def scheduler_family(self) -> str:
@@ -83,9 +129,14 @@ class ModelComponents:
 
     @property
     def size_multiple(self) -> int:
-        """Height and width must be multiples of this: latent factor × the UNet's total down-sampling."""
-        downs = len(self.unet.config.block_out_channels) - 1
-        return int(self.space.factor * 2**downs)
+        """Height and width must be multiples of this (latent factor × the network's down-sampling)."""
+        return self.denoiser.size_multiple
+
+    def model_key(self, height: int | None = None, width: int | None = None) -> str:
+        """Namespace of states this model produces at (height, width): checkpoint, size, scheduler and the
+        scheduler settings that change its timesteps (spacing, karras sigmas, shift)."""
+        h, w = height or self.sample_size[0], width or self.sample_size[1]
+        return make_model_key(self.checkpoint_id, h, w, self.scheduler_family, scheduler_signature(self.scheduler))
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -163,8 +214,8 @@ def load_model(
         comps = _load_diffusers(ref, ref, dev, dt)  # hub id: needs network
     else:
         raise ValueError(f"model {ref!r} is neither 'bundled', an existing directory, nor a hub id (org/name)")
-    if scheduler != "default":
-        comps.scheduler = make_scheduler(comps.scheduler.config, scheduler)
+    flow = comps.denoiser.family in ("sd3", "flux")
+    comps.scheduler = resumable_scheduler(comps.scheduler, scheduler, flow, ref)
     return comps
 
 
@@ -187,7 +238,7 @@ def _load_bundled(path: Path, ref: str, dev: torch.device, dt: torch.dtype) -> M
     return ModelComponents(
         ref=ref,
         checkpoint_id=checkpoint_identity(path),
-        unet=unet,
+        denoiser=UNetDenoiser(unet, space.factor, coord_channels=coords),
         scheduler=sched,
         encoder=MiniLMTokenEncoder(max_length=int(meta["max_length"]), device=dev),
         space=space,
@@ -195,7 +246,6 @@ def _load_bundled(path: Path, ref: str, dev: torch.device, dt: torch.dtype) -> M
         default_guidance=float(meta.get("default_guidance", 3.0)),
         device=dev,
         dtype=dt,
-        coord_channels=coords,
     )
 
 
@@ -217,7 +267,7 @@ def _load_diffusers(ref: str, checkpoint_id: str, dev: torch.device, dt: torch.d
     return ModelComponents(
         ref=ref,
         checkpoint_id=checkpoint_id,
-        unet=pipe.unet.to(dev).eval(),
+        denoiser=UNetDenoiser(pipe.unet.to(dev).eval(), space.factor, sdxl=sdxl),
         scheduler=pipe.scheduler,
         encoder=ClipPromptEncoder(tokenizers, encoders, dev, sdxl=sdxl),
         space=space,
@@ -225,5 +275,4 @@ def _load_diffusers(ref: str, checkpoint_id: str, dev: torch.device, dt: torch.d
         default_guidance=5.0 if sdxl else 7.5,
         device=dev,
         dtype=dt,
-        sdxl=sdxl,
     )

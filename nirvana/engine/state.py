@@ -18,7 +18,26 @@ SCHEDULER_FAMILIES: dict[str, str] = {
     "PNDMScheduler": "pndm",
     "LMSDiscreteScheduler": "lms",
     "UniPCMultistepScheduler": "unipc",
+    "FlowMatchEulerDiscreteScheduler": "flowmatch-euler",
 }
+
+# Scheduler settings that change the timesteps or sigmas a schedule visits: two schedulers differing in one of
+# these produce states at different noise levels for the same (step, N), so they get different model keys.
+_SIGNATURE_FIELDS = (
+    "timestep_spacing",
+    "steps_offset",
+    "use_karras_sigmas",
+    "use_exponential_sigmas",
+    "use_beta_sigmas",
+    "prediction_type",
+    "shift",
+    "use_dynamic_shifting",
+    "base_shift",
+    "max_shift",
+    "final_sigmas_type",
+    "solver_order",
+    "rescale_betas_zero_snr",
+)
 
 
 def scheduler_family(scheduler: Any) -> str:
@@ -27,13 +46,25 @@ def scheduler_family(scheduler: Any) -> str:
     return SCHEDULER_FAMILIES.get(name, name)
 
 
-def make_model_key(checkpoint: str, height: int, width: int, family: str) -> str:
-    """Stable namespace of checkpoint + resolution + scheduler family: states are only reusable within one key.
+def scheduler_signature(scheduler: Any) -> str:
+    """The scheduler settings that shape its schedule (``_SIGNATURE_FIELDS`` present in its config), as a
+    stable string; part of ``make_model_key``."""
+    cfg = dict(scheduler.config)
+    picked = {k: cfg[k] for k in _SIGNATURE_FIELDS if k in cfg}
+    return json.dumps(picked, sort_keys=True, default=str)
+
+
+def make_model_key(checkpoint: str, height: int, width: int, family: str, scheduler_config: str = "") -> str:
+    """Stable namespace of checkpoint + resolution + scheduler family and settings: states are only reusable
+    within one key.
 
     ``checkpoint`` is a content identity (hub id + revision, or a hash of the local weights), never a path alone,
-    so two copies of the same weights share a key and a retrained model does not.
+    so two copies of the same weights share a key and a retrained model does not. ``scheduler_config`` is
+    ``scheduler_signature(...)``: karras sigmas or another spacing change the noise level of step k.
     """
-    blob = json.dumps({"ckpt": checkpoint, "h": height, "w": width, "sched": family}, sort_keys=True)
+    blob = json.dumps(
+        {"ckpt": checkpoint, "h": height, "w": width, "sched": family, "sched_cfg": scheduler_config}, sort_keys=True
+    )
     digest = hashlib.sha256(blob.encode()).hexdigest()[:16]
     short = checkpoint.rstrip("/").split("/")[-1].split("@")[0][:24]
     return f"{short}-{height}x{width}-{family}-{digest}"

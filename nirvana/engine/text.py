@@ -32,6 +32,10 @@ class Conditioning:
             {k: v.to(device=device, dtype=dtype) for k, v in self.added.items()},
         )
 
+    def rows(self, start: int, stop: int) -> Conditioning:
+        """Rows ``start:stop`` of every tensor."""
+        return Conditioning(self.hidden_states[start:stop], {k: v[start:stop] for k, v in self.added.items()})
+
     @staticmethod
     def cat(parts: list[Conditioning]) -> Conditioning:
         keys = parts[0].added.keys()

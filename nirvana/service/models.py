@@ -21,7 +21,7 @@ from typing import Any
 from psycopg.rows import tuple_row
 
 from nirvana.config import BUNDLED_MODEL, Settings
-from nirvana.engine.state import make_model_key
+from nirvana.engine.state import make_model_key, scheduler_signature
 from nirvana.service.errors import FieldError
 
 QUEUE_PREFIX = "render."
@@ -50,16 +50,17 @@ class ServedModel:
     size_multiple: int
     default_guidance: float
     queue: str
+    scheduler_config: str = ""
 
     def model_key(self, height: int, width: int) -> str:
         """The cache namespace key of a job of this size (equal to the engine's ``model_key(h, w)``)."""
-        return make_model_key(self.checkpoint_id, height, width, self.scheduler_family)
+        return make_model_key(self.checkpoint_id, height, width, self.scheduler_family, self.scheduler_config)
 
     @classmethod
     def from_components(cls, name: str, ref: str, comps: Any) -> ServedModel:
         """Describe a loaded ``ModelComponents``."""
         h, w = comps.sample_size
-        key = make_model_key(comps.checkpoint_id, h, w, comps.scheduler_family)
+        key = comps.model_key(h, w)
         return cls(
             name=name,
             ref=ref,
@@ -70,21 +71,25 @@ class ServedModel:
             size_multiple=int(comps.size_multiple),
             default_guidance=float(comps.default_guidance),
             queue=QUEUE_PREFIX + key,
+            scheduler_config=scheduler_signature(comps.scheduler),
         )
 
 
-_COLS = "name, ref, checkpoint_id, scheduler_family, height, width, size_multiple, default_guidance, queue"
+_COLS = (
+    "name, ref, checkpoint_id, scheduler_family, height, width, size_multiple, default_guidance, queue, "
+    "scheduler_config"
+)
 
 
 def register(pool: Any, model: ServedModel) -> None:
     """Upsert ``model`` and refresh its heartbeat."""
     with pool.connection() as conn:
         conn.execute(
-            f"INSERT INTO served_models ({_COLS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) "
+            f"INSERT INTO served_models ({_COLS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
             "ON CONFLICT (name) DO UPDATE SET ref = EXCLUDED.ref, checkpoint_id = EXCLUDED.checkpoint_id, "
             "scheduler_family = EXCLUDED.scheduler_family, height = EXCLUDED.height, width = EXCLUDED.width, "
             "size_multiple = EXCLUDED.size_multiple, default_guidance = EXCLUDED.default_guidance, "
-            "queue = EXCLUDED.queue, heartbeat_at = now()",
+            "queue = EXCLUDED.queue, scheduler_config = EXCLUDED.scheduler_config, heartbeat_at = now()",
             (
                 model.name,
                 model.ref,
@@ -95,6 +100,7 @@ def register(pool: Any, model: ServedModel) -> None:
                 model.size_multiple,
                 model.default_guidance,
                 model.queue,
+                model.scheduler_config,
             ),
         )
 
@@ -110,7 +116,7 @@ def list_models(pool: Any) -> list[tuple[ServedModel, float]]:
         rows = cur.execute(
             f"SELECT {_COLS}, extract(epoch FROM now() - heartbeat_at) FROM served_models ORDER BY name"
         ).fetchall()
-    return [(ServedModel(*r[:9]), float(r[9])) for r in rows]
+    return [(ServedModel(*r[:10]), float(r[10])) for r in rows]
 
 
 class ModelRegistry:

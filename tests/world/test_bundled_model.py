@@ -22,7 +22,7 @@ def test_bundled_is_a_diffusers_folder_loaded_by_path(engine: DiffusionEngine) -
     same = DiffusionEngine(load_model(str(bundled_model_dir()), device="cpu"))
     assert same.model_key() == engine.model_key()
     assert engine.model_key().startswith("scenes-32-32x32-ddim-")
-    assert engine.c.coord_channels == 2 and engine.c.default_guidance == 1.25
+    assert engine.c.denoiser.coord_channels == 2 and engine.c.default_guidance == 1.25
     size = sum(p.stat().st_size for p in bundled_model_dir().rglob("*.safetensors"))
     assert size <= 20 * 1024 * 1024
 

@@ -50,9 +50,9 @@ def test_few_steps_give_a_loadable_pipeline(tmp_path: Path, prediction_type: str
     engine = DiffusionEngine(load_model(str(out), device="cpu"))
     assert engine.c.scheduler.config.prediction_type == prediction_type
     # v3's global text path is part of the saved config, so the engine's plain loader rebuilds it.
-    assert (engine.c.unet.config.addition_embed_type == "text") == (arch in ("v3", "v4"))
+    assert (engine.c.denoiser.unet.config.addition_embed_type == "text") == (arch in ("v3", "v4"))
     # v4's coordinate channels are declared in model_index.json and appended by the engine, not stored in states.
-    assert engine.c.coord_channels == (2 if arch == "v4" else 0)
+    assert engine.c.denoiser.coord_channels == (2 if arch == "v4" else 0)
     res = engine.generate(["a small blue square on a black background"], seeds=[0], steps=4, capture=[2])
     assert res.images.shape == (1, 3, 32, 32)
     assert torch.isfinite(res.images).all()
