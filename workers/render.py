@@ -1,8 +1,10 @@
 """Render worker: ``python -m workers.render [celery worker options...]``.
 
 Loads the configured model once in this process (solo pool: no fork after loading), registers it in
-``served_models`` and consumes its queue ``render.<model_key>`` with prefetch 1 and late acks. One process per
-GPU; scale by starting more (``docker compose up --scale render=N``).
+``served_models`` and consumes its queue ``render.<model_key>`` with late acks. Up to ``NIRVANA_RENDER_MAX_BATCH``
+tasks are in flight (a thread pool of that size, prefetch 1 per thread): each submits its job to the process's
+engine loop, which denoises them together, and acks only after the job is finished — at-least-once as before.
+One process per GPU; scale by starting more (``docker compose up --scale render=N``).
 """
 
 from __future__ import annotations
@@ -57,7 +59,9 @@ def main(argv: list[str] | None = None) -> None:
             "worker",
             "-Q",
             model.queue,
-            "--pool=solo",
+            # Threads, not prefork: the model lives once in this process, owned by the engine loop's thread.
+            "--pool=threads",
+            f"--concurrency={s.render_max_batch}",
             "--prefetch-multiplier=1",
             "-n",
             f"{name}@%h",

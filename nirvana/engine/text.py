@@ -1,7 +1,7 @@
 """Prompt encoders: text → the conditioning tensors a UNet cross-attends to.
 
 One small protocol (``PromptEncoder``) so the denoising loop never cares whether conditioning comes from CLIP
-(Stable Diffusion), two CLIPs (SDXL) or MiniLM (the bundled model).
+(Stable Diffusion), two CLIPs (SDXL), two CLIPs and T5 (SD3), CLIP and T5 (Flux) or MiniLM (the bundled model).
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ class Conditioning:
 
     Attributes:
         hidden_states: (B, L, D) token states for cross-attention.
-        added: extra UNet inputs (SDXL: ``text_embeds``; ``time_ids`` are added by the engine).
+        added: extra network inputs, each (B, ...): SDXL's ``text_embeds`` (``time_ids`` are added per size by
+            the denoiser adapter), SD3's and Flux's ``pooled_projections``.
     """
 
     hidden_states: torch.Tensor
@@ -138,3 +139,103 @@ class ClipPromptEncoder:
             assert pooled is not None
             return Conditioning(torch.cat(states, dim=-1), {"text_embeds": pooled})
         return Conditioning(states[0])
+
+
+def _clip_ids(tokenizer: Any, prompts: list[str], max_length: int, device: torch.device) -> torch.Tensor:
+    """CLIP token ids padded/truncated to ``max_length``, as every diffusers pipeline tokenizes them."""
+    ids: torch.Tensor = tokenizer(
+        prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+    return ids.to(device)
+
+
+def _t5_states(tokenizer: Any, encoder: Any, prompts: list[str], max_length: int, device: torch.device) -> torch.Tensor:
+    """T5 encoder states (B, max_length, d_model) of ``prompts`` padded/truncated to ``max_length`` tokens."""
+    ids = tokenizer(
+        prompts, padding="max_length", max_length=max_length, truncation=True, add_special_tokens=True, return_tensors="pt"
+    ).input_ids.to(device)
+    states: torch.Tensor = encoder(ids)[0]
+    return states
+
+
+class SD3PromptEncoder:
+    """Stable Diffusion 3 conditioning, mirroring ``StableDiffusion3Pipeline.encode_prompt`` (no clip skip).
+
+    ``hidden_states`` (B, 77 + L, D): the two CLIPs' penultimate states concatenated on the feature dim and
+    zero-padded to T5's width D, followed on the sequence dim by T5's L = ``max_sequence_length`` states (zeros
+    of width ``joint_attention_dim`` when the checkpoint ships without T5, as the stock pipeline does).
+    ``added["pooled_projections"]`` (B, P): the two CLIPs' projected pooled embeddings concatenated.
+
+    Both CLIP tokenizers pad to the first tokenizer's ``model_max_length`` (the stock pipeline does the same).
+    """
+
+    def __init__(
+        self,
+        clip_tokenizers: list[Any],
+        clip_encoders: list[Any],
+        t5_tokenizer: Any | None,
+        t5_encoder: Any | None,
+        device: torch.device,
+        joint_attention_dim: int,
+        max_sequence_length: int = 256,
+    ) -> None:
+        if len(clip_tokenizers) != 2 or len(clip_encoders) != 2:
+            raise ValueError("SD3 needs two CLIP tokenizers and two CLIP text encoders")
+        if (t5_tokenizer is None) != (t5_encoder is None):
+            raise ValueError("SD3: pass both the T5 tokenizer and encoder, or neither")
+        self.clip_tokenizers = clip_tokenizers
+        self.clip_encoders = clip_encoders
+        self.t5_tokenizer = t5_tokenizer
+        self.t5_encoder = t5_encoder
+        self.device = device
+        self.joint_attention_dim = joint_attention_dim
+        self.max_sequence_length = max_sequence_length
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> Conditioning:
+        clip_len = int(self.clip_tokenizers[0].model_max_length)
+        states: list[torch.Tensor] = []
+        pooled: list[torch.Tensor] = []
+        for tokenizer, encoder in zip(self.clip_tokenizers, self.clip_encoders, strict=True):
+            out = encoder(_clip_ids(tokenizer, prompts, clip_len, self.device), output_hidden_states=True)
+            pooled.append(out[0])  # CLIPTextModelWithProjection: the projected pooled embedding
+            states.append(out.hidden_states[-2])
+        clip = torch.cat(states, dim=-1)
+        if self.t5_encoder is None:
+            t5 = torch.zeros(
+                (len(prompts), self.max_sequence_length, self.joint_attention_dim), device=self.device, dtype=clip.dtype
+            )
+        else:
+            t5 = _t5_states(self.t5_tokenizer, self.t5_encoder, prompts, self.max_sequence_length, self.device)
+        clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+        hidden = torch.cat([clip, t5.to(clip.dtype)], dim=-2)
+        return Conditioning(hidden, {"pooled_projections": torch.cat(pooled, dim=-1)})
+
+
+class FluxPromptEncoder:
+    """Flux conditioning, mirroring ``FluxPipeline.encode_prompt``: T5 states (B, ``max_sequence_length``, D) as
+    ``hidden_states`` and CLIP's pooled output (B, P) as ``added["pooled_projections"]``. ``txt_ids`` (all zeros)
+    are built by the denoiser adapter."""
+
+    def __init__(
+        self,
+        clip_tokenizer: Any,
+        clip_encoder: Any,
+        t5_tokenizer: Any,
+        t5_encoder: Any,
+        device: torch.device,
+        max_sequence_length: int = 512,
+    ) -> None:
+        self.clip_tokenizer = clip_tokenizer
+        self.clip_encoder = clip_encoder
+        self.t5_tokenizer = t5_tokenizer
+        self.t5_encoder = t5_encoder
+        self.device = device
+        self.max_sequence_length = max_sequence_length
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> Conditioning:
+        ids = _clip_ids(self.clip_tokenizer, prompts, int(self.clip_tokenizer.model_max_length), self.device)
+        pooled = self.clip_encoder(ids, output_hidden_states=False).pooler_output
+        t5 = _t5_states(self.t5_tokenizer, self.t5_encoder, prompts, self.max_sequence_length, self.device)
+        return Conditioning(t5, {"pooled_projections": pooled.to(t5.dtype)})

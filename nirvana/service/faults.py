@@ -110,34 +110,25 @@ class FakeEngine:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.engine, name)
 
-    def generate(self, prompts: list[str], **kw: Any) -> Any:
-        if not any(FAKE_ENGINE_MARKER in p for p in prompts):
-            return self.engine.generate(prompts, **kw)
+    def run(self, req: Any) -> Any:
+        if FAKE_ENGINE_MARKER not in req.prompt:
+            return self.engine.run(req)
         import torch
 
-        from nirvana.engine.engine import GenerationOutput
+        from nirvana.engine.core import GenerationCancelled, RowResult
 
         t0 = time.perf_counter()
-        steps = int(kw.get("steps", 50))
-        start = kw.get("start")
-        begin = 0 if start is None else int(start.step if not isinstance(start, list | tuple) else start[0].step)
-        callback = kw.get("callback")
-        for i in range(begin + 1, steps + 1):
+        begin = 0 if req.start is None else int(req.start.step)
+        for i in range(begin + 1, req.steps + 1):
             if self.step_s:
                 time.sleep(self.step_s)
-            if callback is not None:
-                callback(i, steps)
-        h, w = int(kw.get("height") or 32), int(kw.get("width") or 32)
-        images = []
-        for seed in kw.get("seeds") or [0] * len(prompts):
-            g = torch.Generator().manual_seed(int(seed))
-            images.append(torch.rand(3, h, w, generator=g) * 2 - 1)
-        return GenerationOutput(
-            images=torch.stack(images),
-            states=[[] for _ in prompts],
-            start_step=begin,
-            steps_run=steps - begin,
-            num_steps=steps,
-            model_key=str(self.engine.model_key(h, w)) if hasattr(self.engine, "model_key") else "",
-            seconds=time.perf_counter() - t0,
-        )
+            if req.callback is not None:
+                try:
+                    req.callback(i, req.steps)
+                except GenerationCancelled as e:
+                    return RowResult(req, None, [], begin, req.steps - begin, req.steps, "", 0.0, error=e)
+        h, w = int(req.height or 32), int(req.width or 32)
+        g = torch.Generator().manual_seed(int(req.seed))
+        image = torch.rand(3, h, w, generator=g) * 2 - 1
+        key = str(self.engine.core.c.model_key(h, w)) if hasattr(self.engine, "core") else ""
+        return RowResult(req, image, [], begin, req.steps - begin, req.steps, key, time.perf_counter() - t0)

@@ -31,6 +31,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from nirvana.service.errors import Conflict, FieldError, NotFound
+from nirvana.service.plan import CachePlan, RenderPlan
 from nirvana.service.schemas import TERMINAL
 
 ACTIVE = ("queued", "routing", "routed", "rendering")
@@ -259,30 +260,32 @@ class JobStore:
             (job_id,),
         )
 
-    def set_plan(self, job_id: str, plan: dict[str, Any]) -> dict[str, Any] | None:
-        """routing → routed with the cache plan; None if the job left ``routing`` (e.g. cancelled)."""
-        emb = plan.get("embedding")
+    def set_plan(self, job_id: str, plan: CachePlan) -> dict[str, Any] | None:
+        """routing → routed with the router's plan; None if the job left ``routing`` (e.g. cancelled)."""
+        src = plan.source
         args = {
             "id": job_id,
-            "tier": plan["tier"],
-            "k": plan.get("k"),
-            "k_policy": plan.get("k_policy"),
-            "similarity": plan.get("similarity"),
-            "source_prompt_id": plan.get("source_prompt_id"),
-            "source_job_id": plan.get("source_job_id"),
-            "state_id": plan.get("state_id"),
-            "image_blob_id": plan.get("image_blob_id"),
-            "exact_key": plan.get("exact_key"),
-            "embedding": None if emb is None else np.asarray(emb, dtype=np.float32).tobytes(),
-            "lookup_ms": plan.get("lookup_ms"),
-            "gate_novel": plan.get("gate_novel"),
+            "tier": plan.tier,
+            "k": 0 if src is None else src.k,
+            "k_policy": None if src is None else src.k_policy,
+            "similarity": plan.similarity,
+            "source_prompt_id": None if src is None else src.source_prompt_id,
+            "source_job_id": None if src is None else src.source_job_id,
+            "state_id": None if src is None else src.state_id,
+            "image_blob_id": plan.image_blob_id,
+            "exact_key": plan.exact_key,
+            "embedding": None if plan.embedding is None else np.asarray(plan.embedding, dtype=np.float32).tobytes(),
+            "lookup_ms": plan.lookup_ms,
+            "gate_novel": plan.gate_novel,
+            "capture_steps": list(plan.capture_steps),
         }
         return self._one(
             "UPDATE jobs SET status = 'routed', routed_at = clock_timestamp(), updated_at = clock_timestamp(), "
             "tier = %(tier)s, k = %(k)s, k_policy = %(k_policy)s, similarity = %(similarity)s, "
             "source_prompt_id = %(source_prompt_id)s, source_job_id = %(source_job_id)s, "
             "state_id = %(state_id)s, image_blob_id = %(image_blob_id)s, exact_key = %(exact_key)s, "
-            "embedding = %(embedding)s, lookup_ms = %(lookup_ms)s, gate_novel = %(gate_novel)s "
+            "embedding = %(embedding)s, lookup_ms = %(lookup_ms)s, gate_novel = %(gate_novel)s, "
+            "capture_steps = %(capture_steps)s "
             "WHERE id = %(id)s AND status = 'routing' RETURNING *",
             args,
         )
@@ -309,16 +312,18 @@ class JobStore:
         return row is not None
 
     # ------------------------------------------------------------------ render transitions
-    def claim_render(self, job_id: str, attempt: int, worker: str) -> dict[str, Any] | None:
-        """routed → rendering for the message of ``attempt`` (attempts becomes attempt + 1). None otherwise:
-        the message is stale (redelivered, superseded by the reaper) or the job was cancelled."""
-        return self._one(
+    def claim_render(self, job_id: str, attempt: int, worker: str, shared_pool: bool = False) -> RenderPlan | None:
+        """routed → rendering for the message of ``attempt`` (attempts becomes attempt + 1); the job's typed
+        plan. None otherwise: the message is stale (redelivered, superseded by the reaper) or the job was
+        cancelled. ``shared_pool`` only matters for rows older than ``cache_tenant``."""
+        row = self._one(
             "UPDATE jobs SET status = 'rendering', attempts = attempts + 1, worker = %s, "
             "heartbeat_at = clock_timestamp(), render_started_at = clock_timestamp(), progress_step = 0, "
             "updated_at = clock_timestamp() "
             "WHERE id = %s AND status = 'routed' AND attempts = %s AND NOT cancel_requested RETURNING *",
             (worker, job_id, attempt),
         )
+        return None if row is None else RenderPlan.from_row(row, shared_pool)
 
     def heartbeat(self, job_id: str, attempts: int, step: int) -> bool:
         """Record progress and liveness; returns True when cancellation was requested (or the job was taken

@@ -20,16 +20,17 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
-from nirvana.cache.core import SHARED_TENANT, ApproximateCache, CacheRequest, LookupResult, Namespace
+from nirvana.cache.core import ApproximateCache, CacheRequest, LookupResult
 from nirvana.config import Settings
 from nirvana.service.jobs import JobStore
 from nirvana.service.liveness import prune
 from nirvana.service.models import ServedModel
+from nirvana.service.plan import CachePlan, SourceState, namespace_of
 from nirvana.service.service import TaskSender, image_key
 
 log = logging.getLogger(__name__)
@@ -40,9 +41,7 @@ def worker_name(role: str) -> str:
 
 
 def cache_request(job: dict[str, Any], shared_pool: bool) -> CacheRequest:
-    """The cache's view of a job row (namespace: the job's model_key × the cache tenant chosen when the job was
-    created — its tenant, or the shared pool when the tenant opted in; ``shared_pool`` only for older rows)."""
-    ns_tenant = job.get("cache_tenant") or (SHARED_TENANT if shared_pool else job["tenant"])
+    """The cache's view of a job row being routed (namespace: ``plan.namespace_of``)."""
     emb = job.get("embedding")
     return CacheRequest(
         prompt=job["prompt"],
@@ -52,29 +51,8 @@ def cache_request(job: dict[str, Any], shared_pool: bool) -> CacheRequest:
         guidance=float(job["guidance"]),
         width=int(job["width"]),
         height=int(job["height"]),
-        namespace=Namespace(job["model_key"], ns_tenant),
+        namespace=namespace_of(job, shared_pool),
         embedding=None if emb is None else np.frombuffer(bytes(emb), dtype=np.float32).copy(),
-    )
-
-
-def lookup_from_job(job: dict[str, Any]) -> LookupResult | None:
-    """Rebuild the router's plan (a ``LookupResult``) from the job row; None for a miss."""
-    if job["tier"] not in ("exact", "approximate"):
-        return None
-    return LookupResult(
-        tier=job["tier"],
-        k=int(job["k"] or 0),
-        similarity=job["similarity"],
-        source_prompt_id=job["source_prompt_id"],
-        state_id=job["state_id"],
-        image_uri=None,
-        gate_novel=job["gate_novel"],
-        gate_score=None,
-        lookup_ms=float(job["lookup_ms"] or 0.0),
-        k_policy=int(job["k_policy"] or 0),
-        num_steps=int(job["steps"]),
-        image_blob_id=job["image_blob_id"],
-        exact_key=job["exact_key"] or "",
     )
 
 
@@ -111,10 +89,14 @@ class Router:
         if job is None:
             return "skipped"
         req = cache_request(job, self.settings.cache_shared_pool)
-        plan: dict[str, Any] = {"tier": "miss", "k": 0}
+        plan = CachePlan(tier="miss")
         if job["cache_mode"] != "off":
+            # The steps to capture come from the policy the lookup scales K with: every stored state is askable.
+            caps = tuple(self.cache.policy.cached_steps(req.steps))
             res = self.cache.lookup(req)
-            plan.update(
+            plan = CachePlan(
+                tier="miss",
+                capture_steps=caps,
                 similarity=res.similarity,
                 lookup_ms=res.lookup_ms,
                 gate_novel=res.gate_novel,
@@ -125,21 +107,22 @@ class Router:
                 png = self.cache.load_image(res)
                 if png is not None:
                     return self._serve_exact(job, req, res, png)
-                plan["embedding"] = self.cache.embed([req.prompt])[0]
+                plan = replace(plan, embedding=self.cache.embed([req.prompt])[0])
             elif res.tier == "approximate" and job["cache_mode"] == "auto":
-                plan.update(
-                    tier="approximate",
+                source = SourceState(
                     k=res.k,
                     k_policy=res.k_policy,
+                    similarity=res.similarity,
+                    state_id=res.state_id,
                     source_prompt_id=res.source_prompt_id,
                     source_job_id=self._source_job(res.source_prompt_id, job["tenant"]),
-                    state_id=res.state_id,
                 )
+                plan = replace(plan, tier="approximate", source=source)
         routed = self.store.set_plan(job_id, plan)
         if routed is None:
             return "skipped"
         self.sender.send_render(job_id, routed["render_queue"], int(routed["attempts"]))
-        return str(plan["tier"])
+        return plan.tier
 
     def _serve_exact(self, job: dict[str, Any], req: CacheRequest, res: LookupResult, png: bytes) -> str:
         ref = self.cache.store.put_bytes(image_key(job["tenant"], job["id"]), png, "png")
@@ -162,7 +145,9 @@ class _Progress:
 
 
 class Renderer:
-    """Renders jobs of one served model with one loaded engine (one per process; not thread-safe)."""
+    """Renders jobs of one served model through the process's engine loop (``EngineLoop``: one thread owns the
+    model and batches every job in flight; ``engine`` is anything with its ``run(RenderRequest) -> RowResult``).
+    """
 
     def __init__(
         self,
@@ -196,56 +181,69 @@ class Renderer:
 
     def render(self, job_id: str, attempt: int) -> str:
         """Render one job for the message of ``attempt``; returns ``done``, ``cancelled``, ``failed``,
-        ``retry`` or ``skipped``."""
-        from nirvana.engine.engine import GenerationCancelled
+        ``retry`` or ``skipped``. Thread-safe: with a batching engine loop several render at once."""
+        from nirvana.engine.core import GenerationCancelled, RenderRequest
+        from nirvana.engine.engine import to_pil
 
-        job = self.store.claim_render(job_id, attempt, self.name)
-        if job is None:
+        plan = self.store.claim_render(job_id, attempt, self.name, self.settings.cache_shared_pool)
+        if plan is None:
             return "skipped"
-        attempts = int(job["attempts"])
-        req = cache_request(job, self.settings.cache_shared_pool)
-        hit = lookup_from_job(job)
+        attempts = plan.attempts
+        hit = plan.lookup()
         start = None
-        if hit is not None and hit.tier == "approximate":
+        if hit is not None and plan.tier == "approximate":
             start = self.cache.load_state(hit)
             if start is None:
                 self.store.downgrade_to_miss(job_id, attempts)
-                hit = None
+                plan, hit = plan.as_miss(), None
+        r = plan.request
+        caps = plan.plan.capture_steps
+        if plan.cache_mode == "off":
+            caps = ()
+        elif caps is None:  # routed before the plan carried its capture steps
+            caps = tuple(self.cache.policy.cached_steps(r.steps))
         prog = _Progress()
         beat = threading.Thread(target=self._heartbeat, args=(job_id, attempts, prog), daemon=True)
         beat.start()
 
         hook = self.fault_hook
+        info = {"id": job_id, "prompt": r.prompt, "attempts": attempts}
 
         def callback(i: int, n: int) -> None:
             prog.step = i
             if hook is not None:
-                hook("step", job)
+                hook("step", info)
             if prog.cancelled.is_set():
                 raise GenerationCancelled(job_id)
 
         try:
-            out = self.engine.generate(
-                [job["prompt"]],
-                seeds=[int(job["seed"])],
-                negative_prompts=[job["negative_prompt"]],
-                steps=int(job["steps"]),
-                guidance=float(job["guidance"]),
-                height=int(job["height"]),
-                width=int(job["width"]),
-                start=start,
-                capture=[] if job["cache_mode"] == "off" else None,
-                callback=callback,
+            res = self.engine.run(
+                RenderRequest(
+                    prompt=r.prompt,
+                    seed=r.seed,
+                    negative_prompt=r.negative_prompt,
+                    steps=r.steps,
+                    guidance=r.guidance,
+                    height=r.height,
+                    width=r.width,
+                    start=start,
+                    capture=caps,
+                    callback=callback,
+                    tag=job_id,
+                )
             )
+            if res.error is not None:
+                raise res.error
+            assert res.image is not None
             if hook is not None:
-                hook("rendered", job)
-            png = png_bytes(out.pil_images()[0])
-            ref = self.cache.store.put_bytes(image_key(job["tenant"], job_id), png, "png")
-            if job["cache_mode"] != "off":
-                self.cache.record(job_id, req, out.states[0], png, hit)
+                hook("rendered", info)
+            png = png_bytes(to_pil(res.image.unsqueeze(0))[0])
+            ref = self.cache.store.put_bytes(image_key(plan.tenant, job_id), png, "png")
+            if plan.cache_mode != "off":
+                self.cache.record(job_id, plan.cache_request(), res.states, png, hit)
             if hook is not None:
-                hook("recorded", job)
-            ok = self.store.finish(job_id, attempts, ref.uri, len(png), out.start_step, out.steps_run, out.seconds)
+                hook("recorded", info)
+            ok = self.store.finish(job_id, attempts, ref.uri, len(png), res.start_step, res.steps_run, res.seconds)
             return "done" if ok else "skipped"
         except GenerationCancelled:
             self.store.mark_cancelled(job_id, attempts)
@@ -260,7 +258,7 @@ class Renderer:
                 self.store.fail(job_id, f"{type(e).__name__}: {e}", attempts)
                 return "failed"
             if self.store.release_for_retry(job_id, attempts):
-                self.sender.send_render(job_id, job["render_queue"], attempts)
+                self.sender.send_render(job_id, plan.render_queue, attempts)
             return "retry"
         finally:
             prog.stop.set()

@@ -8,6 +8,7 @@ from typing import Any
 
 from nirvana.service.jobs import JobStore, NewJob
 from nirvana.service.metrics import JobsCollector
+from nirvana.service.plan import CachePlan, SourceState
 
 
 def _finished_job(store: JobStore, tier: str, k: int, gate_novel: bool | None, steps: int = 50) -> None:
@@ -15,7 +16,8 @@ def _finished_job(store: JobStore, tier: str, k: int, gate_novel: bool | None, s
     store.create(NewJob(jid, "alice", f"prompt {jid}", "", 1, steps, 7.0, 32, 32, "bundled", "m-32x32-ddim",
                         "render.bundled", "auto", jid))  # fmt: skip
     assert store.claim_route(jid) is not None
-    assert store.set_plan(jid, {"tier": tier, "k": k, "gate_novel": gate_novel}) is not None
+    src = SourceState(k, k, 0.9, None, None) if tier == "approximate" else None
+    assert store.set_plan(jid, CachePlan(tier, source=src, gate_novel=gate_novel)) is not None
     assert store.claim_render(jid, 0, "w1") is not None
     assert store.finish(jid, 1, f"file:///{jid}.png", 10, k, steps - k, 1.0)
 
