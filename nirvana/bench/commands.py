@@ -212,9 +212,49 @@ def bench_gpu_cmd(
         typer.echo(json.dumps(res, separators=(",", ":")))
 
 
+def bench_batching_cmd(
+    model: Annotated[str, typer.Option(help="'bundled' or a local diffusers directory")] = "bundled",
+    requests: Annotated[int, typer.Option(help="requests in the workload (misses and hits at the trace's K mix)")] = 48,
+    steps: Annotated[int, typer.Option(help="denoising steps N")] = 50,
+    batch_sizes: Annotated[str, typer.Option(help="max batch sizes, comma-separated")] = "1,2,4,8,16",
+    seed: Annotated[int, typer.Option(help="workload seed")] = 0,
+    out: Annotated[Path, typer.Option(help="report directory")] = Path("out/bench"),
+    json_out: Annotated[bool, typer.Option("--json", help="last line: one JSON object")] = False,
+) -> None:
+    """Step-level batching: one mixed workload at each max batch size; images/s, ratio to batch 1, latency per
+    tier, and whether batched images equal their batch-1 renders."""
+    import json
+
+    from rich.console import Console
+
+    from nirvana.bench.batching import format_table, run_batching_bench
+
+    console = Console(stderr=True)
+    try:
+        with console.status("bench batching") as status:
+            res = run_batching_bench(
+                model,
+                requests=requests,
+                steps=steps,
+                batch_sizes=_ints(batch_sizes, "--batch-sizes"),
+                seed=seed,
+                progress=lambda m: status.update(f"bench batching: {m}"),
+            )
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "batching.json").write_text(json.dumps(res, indent=2))
+    (out / "batching.md").write_text(format_table(res) + "\n")
+    typer.echo(format_table(res))
+    typer.echo(f"wrote {out / 'batching.json'}, {out / 'batching.md'}")
+    if json_out:
+        typer.echo(json.dumps(res, separators=(",", ":")))
+
+
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
-    """Mount ``index``, ``codecs``, ``trace`` and ``gpu`` under ``bench_app`` (``nirvana bench ...``)."""
+    """Mount ``index``, ``codecs``, ``trace``, ``gpu`` and ``batching`` under ``bench_app``."""
     bench_app.command("index")(bench_index_cmd)
     bench_app.command("codecs")(bench_codecs_cmd)
     bench_app.command("trace")(bench_trace_cmd)
     bench_app.command("gpu")(bench_gpu_cmd)
+    bench_app.command("batching")(bench_batching_cmd)

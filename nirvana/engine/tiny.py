@@ -47,10 +47,14 @@ def build_tokenizer(path: Path) -> Any:
 
 
 def build_tiny_sd(path: Path, scheduler: str = "ddim", seed: int = 0) -> Path:
-    """Save a tiny SD-1.x-shaped pipeline to ``path`` and return it. Sample size 32 px (latents 4×8×8)."""
+    """Save a tiny SD-1.x-shaped pipeline to ``path`` and return it. Sample size 32 px (latents 4×8×8).
+
+    ``scheduler``: "ddim", or "pndm" (SD 1.5's own default, which the loader must swap: it has no resume rule).
+    """
     from diffusers import (
         AutoencoderKL,
         DDIMScheduler,
+        PNDMScheduler,
         StableDiffusionPipeline,
         UNet2DConditionModel,
     )
@@ -93,14 +97,27 @@ def build_tiny_sd(path: Path, scheduler: str = "ddim", seed: int = 0) -> Path:
         norm_num_groups=32,
         sample_size=32,
     )
-    sched = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,  # as in SD 1.5's scheduler_config.json
-    )
+    sched: Any
+    if scheduler == "ddim":
+        sched = DDIMScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            clip_sample=False,
+            set_alpha_to_one=False,
+            steps_offset=1,  # as in SD 1.5's scheduler_config.json
+        )
+    elif scheduler == "pndm":
+        sched = PNDMScheduler(  # runwayml/stable-diffusion-v1-5's scheduler_config.json
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            set_alpha_to_one=False,
+            skip_prk_steps=True,
+            steps_offset=1,
+        )
+    else:
+        raise ValueError(f"scheduler must be 'ddim' or 'pndm', got {scheduler!r}")
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text,
