@@ -143,7 +143,7 @@ def format_table(res: dict[str, Any]) -> str:
         f"model {res['model']} on {res['device']}: {res['requests']} requests × {res['steps']} steps "
         f"({res['tiers']['approximate']} hits, {res['steps_saved_fraction']:.1%} of steps saved)",
         "",
-        "| max batch | images/s | × batch 1 | rows/forward | miss p50 / p95 s | hit p50 / p95 s | max diff vs batch 1 |",
+        "| max batch | images/s | × batch 1 | rows/forward | miss p50 / p95 s | hit p50 / p95 s | max diff vs 1 |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in res["rows"]:

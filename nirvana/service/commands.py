@@ -150,7 +150,13 @@ def keys_revoke(
 
 
 def _stack_config(
-    data_dir: Path, model: str | None, port: int, render_workers: int, beat: bool = True, ready_timeout_s: float = 600.0
+    data_dir: Path,
+    model: str | None,
+    port: int,
+    render_workers: int,
+    beat: bool = True,
+    ready_timeout_s: float = 600.0,
+    render_max_batch: int | None = None,
 ) -> Any:
     from nirvana.config import get_settings
     from nirvana.service.stack import StackConfig
@@ -167,6 +173,7 @@ def _stack_config(
         render_workers=render_workers,
         beat=beat,
         ready_timeout_s=ready_timeout_s,
+        env={} if render_max_batch is None else {"NIRVANA_RENDER_MAX_BATCH": str(render_max_batch)},
     )
 
 
@@ -231,6 +238,12 @@ def demo(
     api_key: Annotated[str | None, typer.Option(help="key for --url (every tenant then shares it)")] = None,
     data_dir: Annotated[Path | None, typer.Option(help="embedded stack directory")] = None,
     render_workers: Annotated[int, typer.Option(help="render workers to start")] = 1,
+    render_max_batch: Annotated[
+        int | None,
+        typer.Option(
+            min=1, max=256, help="requests each render worker denoises together (default NIRVANA_RENDER_MAX_BATCH)"
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object last")] = False,
     direct_engine: Annotated[
         bool,
@@ -267,7 +280,7 @@ def demo(
         else:
             dd = _data_dir(data_dir) / "demo"
             console.print(f"starting the stack in {dd} (first start: ~30 s) ...")
-            stack = Stack(_stack_config(dd, model, 0, render_workers, beat=True))
+            stack = Stack(_stack_config(dd, model, 0, render_workers, beat=True, render_max_batch=render_max_batch))
             stack.start()
             console.print(f"stack up at {stack.api_url}")
             from nirvana.service.jobs import make_pool
@@ -298,6 +311,10 @@ def demo(
 
             res = run_workload(clients, reqs, concurrency=concurrency, on_done=on_done)
         s = res.summary
+        if url is None:
+            from nirvana.config import get_settings
+
+            s["render_max_batch"] = render_max_batch or get_settings().render_max_batch
         out.mkdir(parents=True, exist_ok=True)
         html_path = None
         if gallery_items > 0:
@@ -438,6 +455,12 @@ def bench_e2e(
     api_key: Annotated[str | None, typer.Option(help="key for --url")] = None,
     data_dir: Annotated[Path | None, typer.Option(help="embedded stack directory")] = None,
     render_workers: Annotated[int, typer.Option(help="render workers to start")] = 1,
+    render_max_batch: Annotated[
+        int | None,
+        typer.Option(
+            min=1, max=256, help="requests each render worker denoises together (default NIRVANA_RENDER_MAX_BATCH)"
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object last")] = False,
     direct_engine: Annotated[
         bool,
