@@ -102,6 +102,9 @@ def load_renderer() -> Any:
     shared = getattr(comps.encoder, "sentence_transformer", None)
     embedder = MiniLMEmbedder(model=shared) if shared is not None else MiniLMEmbedder()
     model = ServedModel.from_components(served_name(s), s.model, comps)
+    from nirvana.cache.policy import KPolicy
+
+    KPolicy.load(s.cache_policy_table, model_key=comps.model_key())  # refuse a table of another model at start
     # One loop thread owns the model and batches every job in flight (the Celery pool runs one thread per job).
     engine: Any = EngineLoop(EngineCore(comps, max_batch=s.render_max_batch), s.render_max_wait_ms).start()
     hooks = faults.from_env()  # test-only fault injection; None unless NIRVANA_FAULT_INJECTION=1

@@ -37,6 +37,7 @@ class KPolicy:
     rules: tuple[Rule, ...]
     reference_steps: int = 50
     name: str = "custom"
+    model_key: str | None = None  # the model a calibrated table was measured on (None: any model)
 
     def __post_init__(self) -> None:
         if self.reference_steps < 2:
@@ -61,7 +62,13 @@ class KPolicy:
             rules = tuple(Rule(float(r["min_similarity"]), int(r["k"])) for r in data["rules"])
         except (KeyError, TypeError) as e:
             raise ValueError(f"policy table needs rules=[{{min_similarity, k}}, ...]: {e}") from e
-        return cls(rules, int(data.get("reference_steps", 50)), str(data.get("name", "custom")))
+        key = data.get("model_key")
+        return cls(
+            rules,
+            int(data.get("reference_steps", 50)),
+            str(data.get("name", "custom")),
+            None if key is None else str(key),
+        )
 
     @classmethod
     def from_file(cls, path: Path | str) -> KPolicy:
@@ -73,16 +80,32 @@ class KPolicy:
         return cls.from_file(policies_dir() / "paper.json")
 
     @classmethod
-    def load(cls, path: Path | str | None) -> KPolicy:
-        """``path`` if given, else the paper's table."""
-        return cls.paper() if path is None else cls.from_file(path)
+    def load(cls, path: Path | str | None, model_key: str | None = None) -> KPolicy:
+        """``path`` if given, else the paper's table.
+
+        Args:
+            model_key: the served model's key; a table calibrated on another model is refused (its K values
+                were measured on a different denoiser or scheduler and would serve wrong hits silently).
+
+        Raises:
+            ValueError: the table names another ``model_key``, naming both and the setting.
+        """
+        policy = cls.paper() if path is None else cls.from_file(path)
+        if model_key is not None and policy.model_key is not None and policy.model_key != model_key:
+            raise ValueError(
+                f"cache_policy_table (NIRVANA_CACHE_POLICY_TABLE): {path} was calibrated on model_key "
+                f"{policy.model_key!r}, the served model is {model_key!r}; recalibrate (`nirvana calibrate`) or "
+                "use the paper's table"
+            )
+        return policy
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "name": self.name,
             "reference_steps": self.reference_steps,
             "rules": [{"min_similarity": r.min_similarity, "k": r.k} for r in self.rules],
         }
+        return out if self.model_key is None else {**out, "model_key": self.model_key}
 
     # ------------------------------------------------------------------ queries
     def scale(self, k_ref: int, num_steps: int) -> int:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
-from nirvana.cache.policy import KPolicy, Rule
+from nirvana.cache.policy import KPolicy, Rule, policies_dir
 
 
 @pytest.fixture(scope="module")
@@ -88,3 +89,20 @@ def test_table_is_data(tmp_path) -> None:  # type: ignore[no-untyped-def]
     assert KPolicy.load(None) == KPolicy.paper()
     with pytest.raises(ValueError, match="rules"):
         KPolicy.from_dict({"reference_steps": 50})
+
+
+def test_load_refuses_a_table_of_another_model(tmp_path: Path) -> None:
+    table = tmp_path / "t.json"
+    table.write_text(json.dumps({"rules": [{"min_similarity": 0.5, "k": 10}], "model_key": "m-32x32-ddim-aaaa"}))
+    assert KPolicy.load(table, model_key="m-32x32-ddim-aaaa").model_key == "m-32x32-ddim-aaaa"
+    assert KPolicy.load(table).rules[0].k == 10  # no served model to check against (tools, benchmarks)
+    with pytest.raises(ValueError, match=r"NIRVANA_CACHE_POLICY_TABLE.*m-32x32-ddim-aaaa.*m-32x32-euler-bbbb"):
+        KPolicy.load(table, model_key="m-32x32-euler-bbbb")
+    assert KPolicy.load(None, model_key="anything").name == "paper"  # the paper's table fits every model
+
+
+def test_packaged_calibrated_table_matches_the_bundled_model() -> None:
+    from nirvana.engine.loader import load_model
+
+    key = load_model("bundled", device="cpu").model_key()
+    assert KPolicy.load(policies_dir() / "calibrated-scenes-32.json", model_key=key).model_key == key
