@@ -34,7 +34,7 @@ def trace_k_mix(n: int, steps: int, seed: int = 0) -> list[int]:
     return [k * steps // TRACE_REFERENCE_STEPS for k in rng.choices(ks, weights=weights, k=n)]
 
 
-def _workload(c: ModelComponents, n: int, steps: int, seed: int) -> list[RenderRequest]:
+def workload(c: ModelComponents, n: int, steps: int, seed: int = 0) -> list[RenderRequest]:
     """Requests of the demo's scene prompts; a hit resumes a state of an earlier, similar prompt (rendered here,
     untimed). Same objects for every batch size: each request's render is compared across sizes."""
     from nirvana.service.workload import generate
@@ -68,39 +68,26 @@ def _run(c: ModelComponents, reqs: Sequence[RenderRequest], max_batch: int) -> t
     return out, time.perf_counter() - t0
 
 
-def run_batching_bench(
-    model: str = "bundled",
-    requests: int = 48,
-    steps: int = 50,
-    batch_sizes: Sequence[int] = (1, 2, 4, 8, 16),
-    seed: int = 0,
-    progress: Callable[[str], None] | None = None,
+def batch_sweep(
+    c: ModelComponents,
+    reqs: Sequence[RenderRequest],
+    batch_sizes: Sequence[int],
+    tolerance: float = PIXEL_TOLERANCE,
+    say: Callable[[str], None] = lambda _m: None,
 ) -> dict[str, Any]:
-    """Render one mixed workload at each max batch size; see the module docstring for what is reported.
-
-    Raises:
-        ValueError: bad sizes or counts, naming the option.
-    """
-    if requests < 1:
-        raise ValueError(f"--requests must be >= 1, got {requests}")
+    """Render ``reqs`` at each max batch size (batch 1 always, first: the solo reference); rows + summary."""
     if not batch_sizes or min(batch_sizes) < 1:
         raise ValueError(f"--batch-sizes must be integers >= 1, got {list(batch_sizes)}")
-    sizes = sorted(set(batch_sizes) | {1})
-    c = load_model(model, device="auto")
-    say = progress or (lambda _m: None)
-    say(f"workload: {requests} requests at {steps} steps (sources rendered untimed)")
-    reqs = _workload(c, requests, steps, seed)
     _run(c, reqs[:2], 2)  # warm-up: first forwards allocate
     rows: list[dict[str, Any]] = []
     solo: list[RowResult] = []
-    for b in sizes:
+    for b in sorted(set(batch_sizes) | {1}):
         say(f"max batch {b} ...")
         out, wall = _run(c, reqs, b)
         failed = [r for r in out if r.error is not None]
         if failed:
             raise RuntimeError(f"max batch {b}: {len(failed)} rows failed, first: {failed[0].error!r}")
-        if b == 1:
-            solo = out
+        solo = solo or out
         diff = max((r.image - s.image).abs().max().item() for r, s in zip(out, solo, strict=True))  # type: ignore[operator]
         lat = {t: [r.seconds for r in out if r.request.tag == t] for t in ("miss", "approximate")}
         rows.append(
@@ -120,27 +107,49 @@ def run_batching_bench(
     for r in rows:
         r["ratio_vs_batch1"] = round(r["images_per_s"] / base, 3)
     best = max(rows, key=lambda r: r["images_per_s"])
-    steps_run = sum(steps - (r.start.step if r.start else 0) for r in reqs)
+    steps_run = sum(r.steps - (r.start.step if r.start else 0) for r in reqs)
     return {
-        "model": model,
-        "model_key": c.model_key(),
-        "device": str(c.device),
-        "requests": requests,
-        "steps": steps,
+        "requests": len(reqs),
         "tiers": {"miss": sum(r.start is None for r in reqs), "approximate": sum(r.start is not None for r in reqs)},
-        "steps_saved_fraction": round(1 - steps_run / (steps * len(reqs)), 4),
+        "steps_saved_fraction": round(1 - steps_run / sum(r.steps for r in reqs), 4),
         "rows": rows,
         "best_max_batch": best["max_batch"],
         "best_ratio_vs_batch1": best["ratio_vs_batch1"],
-        "tolerance": PIXEL_TOLERANCE,
-        "equivalent": all(r["max_abs_diff_vs_batch1"] <= PIXEL_TOLERANCE for r in rows),
+        "tolerance": tolerance,
+        "equivalent": all(r["max_abs_diff_vs_batch1"] <= tolerance for r in rows),
     }
+
+
+def run_batching_bench(
+    model: str = "bundled",
+    requests: int = 48,
+    steps: int = 50,
+    batch_sizes: Sequence[int] = (1, 2, 4, 8, 16),
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Render one mixed workload at each max batch size; see the module docstring for what is reported.
+
+    Raises:
+        ValueError: bad sizes or counts, naming the option.
+    """
+    if requests < 1:
+        raise ValueError(f"--requests must be >= 1, got {requests}")
+    if not batch_sizes or min(batch_sizes) < 1:
+        raise ValueError(f"--batch-sizes must be integers >= 1, got {list(batch_sizes)}")
+    c = load_model(model, device="auto")
+    say = progress or (lambda _m: None)
+    say(f"workload: {requests} requests at {steps} steps (sources rendered untimed)")
+    reqs = workload(c, requests, steps, seed)
+    sweep = batch_sweep(c, reqs, batch_sizes, PIXEL_TOLERANCE, say)
+    return {"model": model, "model_key": c.model_key(), "device": str(c.device), "steps": steps, **sweep}
 
 
 def format_table(res: dict[str, Any]) -> str:
     """The rows as a Markdown table (what the CLI prints)."""
     lines = [
-        f"model {res['model']} on {res['device']}: {res['requests']} requests × {res['steps']} steps "
+        f"model {res.get('model', '')} on {res.get('device', '')}: {res['requests']} requests × "
+        f"{res.get('steps', '')} steps "
         f"({res['tiers']['approximate']} hits, {res['steps_saved_fraction']:.1%} of steps saved)",
         "",
         "| max batch | images/s | × batch 1 | rows/forward | miss p50 / p95 s | hit p50 / p95 s | max diff vs 1 |",

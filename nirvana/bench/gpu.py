@@ -117,6 +117,27 @@ def _pct(xs: list[float], q: float) -> float:
     return s[min(len(s) - 1, round(q * (len(s) - 1)))]
 
 
+class _RandomText:
+    """Prompt → (tokens, dim) random states seeded by the prompt's hash: SD-shaped conditioning without CLIP
+    weights (deterministic, so a request's conditioning is the same in every batch)."""
+
+    def __init__(self, tokens: int, dim: int, device: Any) -> None:
+        self.tokens, self.dim, self.device = tokens, dim, device
+
+    def encode(self, prompts: list[str]) -> Any:
+        import hashlib
+
+        import torch
+
+        from nirvana.engine.text import Conditioning
+
+        rows = []
+        for p in prompts:
+            seed = int.from_bytes(hashlib.sha256(p.encode()).digest()[:8], "little")
+            rows.append(torch.randn(self.tokens, self.dim, generator=torch.Generator().manual_seed(seed)))
+        return Conditioning(torch.stack(rows))
+
+
 class _Bench:
     """Models, conditioning and timed loops on one device.
 
@@ -145,6 +166,28 @@ class _Bench:
         self.image_hw = self.latent_hw * 2 ** (len(vae_cfg["block_out_channels"]) - 1)
         self.text_tokens, self.text_dim = int(text["tokens"]), int(text["dim"])
         self.guidance = 7.5
+
+    def components(self) -> Any:
+        """The same UNet, VAE and schedule as ``ModelComponents`` for the engine core (text: ``_RandomText``)."""
+        import copy
+
+        from nirvana.engine.denoisers import UNetDenoiser
+        from nirvana.engine.latents import VaeSpace
+        from nirvana.engine.loader import ModelComponents
+
+        space = VaeSpace(self.vae)
+        return ModelComponents(
+            ref="random-sd15",
+            checkpoint_id="random-sd15@bench",
+            denoiser=UNetDenoiser(self.unet, space.factor),
+            scheduler=copy.deepcopy(self.scheduler),
+            encoder=_RandomText(self.text_tokens, self.text_dim, self.device),
+            space=space,
+            sample_size=(self.image_hw, self.image_hw),
+            default_guidance=self.guidance,
+            device=self.device,
+            dtype=self.dtype,
+        )
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -418,6 +461,22 @@ def run_gpu_bench(
                         "step_ms_per_image": round(1000 * st / bs, 3)})  # fmt: skip
     res["batch_scaling"] = scaling
     say("batch: " + ", ".join(f"{s['batch']}: {s['images_per_s']} img/s" for s in scaling))
+
+    # The engine core over the same UNet: a mixed workload (misses, hits at the trace's K mix) per max batch.
+    if left() < 90:
+        skipped.append("engine batching: time guard")
+        res["engine_batching"] = None
+    else:
+        from nirvana.bench.batching import PIXEL_TOLERANCE, batch_sweep, workload
+
+        comps = b.components()
+        n = 4 if tiny else max(16, 2 * max(batches))
+        # fp16/bf16 round per forward far more than fp32: one 8-bit level is the bar there.
+        tol = PIXEL_TOLERANCE if dtype == "fp32" else 2 / 255
+        res["engine_batching"] = batch_sweep(comps, workload(comps, n, steps), batches, tol, say)
+        eb = res["engine_batching"]
+        say(f"engine core: best max batch {eb['best_max_batch']} ({eb['best_ratio_vs_batch1']}x), "
+            f"equivalent {eb['equivalent']}")  # fmt: skip
     if cuda:
         res["max_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
 
@@ -438,6 +497,15 @@ def run_gpu_bench(
     res["skipped"] = skipped
     res["wall_s"] = round(time.perf_counter() - t_start, 1)
     return res
+
+
+def _engine_batching_md(res: dict[str, Any]) -> list[str]:
+    eb = res.get("engine_batching")
+    if not eb:
+        return []
+    from nirvana.bench.batching import format_table
+
+    return ["", "## Engine core: step-level batching (mixed misses and hits)", "", format_table(eb)]
 
 
 def gpu_markdown(res: dict[str, Any]) -> str:
@@ -486,6 +554,7 @@ def gpu_markdown(res: dict[str, Any]) -> str:
             f"Overhead = {c['overhead_in_steps']} denoising steps = {c['overhead_fraction_of_full_run']:.2%} of a "
             f"full run ({c['hits']}/{c['queries']} lookups hit).",
         ]
+    lines += _engine_batching_md(res)
     if res["skipped"]:
         lines += ["", "Skipped: " + "; ".join(res["skipped"])]
     return "\n".join(lines)

@@ -45,6 +45,9 @@ def test_tiny_cpu_smoke(tmp_path: Path, pg_server: EmbeddedPostgres) -> None:
     c = res["cache"]
     assert c is not None and c["hits"] == 4 and c["lookup_ms_p50"] > 0 and c["fetch_decode_ms_p50"] > 0
     assert "## Resumed runs" in gpu_markdown(res) and "Cache overhead" in gpu_markdown(res)
+    eb = res["engine_batching"]  # the engine core over the same UNet, mixed misses and hits
+    assert [r["max_batch"] for r in eb["rows"]] == [1, 2] and eb["requests"] == 4 and eb["equivalent"] is True
+    assert "## Engine core" in gpu_markdown(res)
     json.dumps(res)
     with pytest.raises(ValueError, match="every K"):
         run_gpu_bench(allow_cpu=True, tiny=True, steps=6, ks=(6,))
