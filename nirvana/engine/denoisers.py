@@ -173,7 +173,7 @@ class SD3Denoiser:
 
 
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) → (B, H/2 · W/2, 4C): each 2×2 patch becomes one token (diffusers' ``FluxPipeline._pack_latents``)."""
+    """(B, C, H, W) → (B, H/2 · W/2, 4C): each 2×2 patch becomes one token (``FluxPipeline._pack_latents``)."""
     b, c, h, w = latents.shape
     x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
     return x.reshape(b, (h // 2) * (w // 2), c * 4)
@@ -234,7 +234,7 @@ class FluxDenoiser:
     def predict(
         self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning, guidance: torch.Tensor
     ) -> torch.Tensor:
-        b, _, h, w = latents.shape
+        h, w = latents.shape[2], latents.shape[3]
         text_len = cond.hidden_states.shape[1]
         out = self.transformer(
             hidden_states=pack_latents(latents),

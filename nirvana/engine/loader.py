@@ -226,21 +226,23 @@ def load_model(
     if ref == BUNDLED_MODEL and not (path / "model_index.json").is_file():
         raise ValueError(f"bundled model weights are missing from {path}; run `nirvana train-model`")
     if path.is_dir():
-        cls = _read_index(path).get("_class_name")
+        index = _read_index(path)
+        cls = index.get("_class_name")
         if cls == BUNDLED_CLASS:
             comps = _load_bundled(path, ref, dev, default_dtype(cls))
         elif cls in DIFFUSERS_CLASSES:
-            comps = _load_diffusers(str(path), checkpoint_identity(path), dev, default_dtype(cls), cls)
+            comps = _load_diffusers(str(path), checkpoint_identity(path), dev, default_dtype(cls), index)
         else:
             raise ValueError(f"unsupported pipeline class {cls!r} in {path}; supported: {sorted(DIFFUSERS_CLASSES)}")
     elif ref.count("/") == 1 and not ref.startswith((".", "/")):
         # Hub id: needs network (users' machines, never the tests).
         from diffusers import DiffusionPipeline
 
-        cls = DiffusionPipeline.load_config(ref).get("_class_name")
+        index = dict(DiffusionPipeline.load_config(ref))
+        cls = index.get("_class_name")
         if cls not in DIFFUSERS_CLASSES:
             raise ValueError(f"unsupported pipeline class {cls!r} for {ref}; supported: {sorted(DIFFUSERS_CLASSES)}")
-        comps = _load_diffusers(ref, ref, dev, default_dtype(cls), cls)
+        comps = _load_diffusers(ref, ref, dev, default_dtype(cls), index)
     else:
         raise ValueError(f"model {ref!r} is neither 'bundled', an existing directory, nor a hub id (org/name)")
     flow = comps.denoiser.family in ("sd3", "flux")
@@ -286,14 +288,18 @@ def _load_bundled(path: Path, ref: str, dev: torch.device, dt: torch.dtype) -> M
 
 
 def _load_diffusers(
-    ref: str, checkpoint_id: str, dev: torch.device, dt: torch.dtype, cls: str | None = None
+    ref: str, checkpoint_id: str, dev: torch.device, dt: torch.dtype, index: dict[str, Any]
 ) -> ModelComponents:
-    """Load a diffusers pipeline of ``cls`` (one of ``DIFFUSERS_CLASSES``) and wrap it in its family's adapter."""
+    """Load the diffusers pipeline described by ``index`` (its ``model_index.json``; class one of
+    ``DIFFUSERS_CLASSES``) and wrap it in its family's adapter."""
     from diffusers import DiffusionPipeline
 
-    # Only SD 1.x/2.x has a safety checker component; passing it to another pipeline class is an error or noise.
-    extra: dict[str, Any] = {"safety_checker": None} if cls == "StableDiffusionPipeline" else {}
-    pipe = DiffusionPipeline.from_pretrained(ref, torch_dtype=dt, **extra)
+    # Components saved as [null, null] (SD3 without T5, SD without safety checker) must be passed as None
+    # explicitly: from_pretrained otherwise refuses a required module it was not given.
+    absent = {k: None for k, v in index.items() if not k.startswith("_") and v in ([None, None], (None, None))}
+    if index.get("_class_name") == "StableDiffusionPipeline":
+        absent["safety_checker"] = None  # never run it: serving is not the place to filter images
+    pipe = DiffusionPipeline.from_pretrained(ref, torch_dtype=dt, **absent)
     name = type(pipe).__name__
     vae = pipe.vae.to(dev).eval()
     space = VaeSpace(vae)

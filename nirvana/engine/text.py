@@ -152,7 +152,12 @@ def _clip_ids(tokenizer: Any, prompts: list[str], max_length: int, device: torch
 def _t5_states(tokenizer: Any, encoder: Any, prompts: list[str], max_length: int, device: torch.device) -> torch.Tensor:
     """T5 encoder states (B, max_length, d_model) of ``prompts`` padded/truncated to ``max_length`` tokens."""
     ids = tokenizer(
-        prompts, padding="max_length", max_length=max_length, truncation=True, add_special_tokens=True, return_tensors="pt"
+        prompts,
+        padding="max_length",
+        max_length=max_length,
+        truncation=True,
+        add_special_tokens=True,
+        return_tensors="pt",
     ).input_ids.to(device)
     states: torch.Tensor = encoder(ids)[0]
     return states
