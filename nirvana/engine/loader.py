@@ -298,7 +298,7 @@ def _load_diffusers(
     # explicitly: from_pretrained otherwise refuses a required module it was not given.
     absent = {k: None for k, v in index.items() if not k.startswith("_") and v in ([None, None], (None, None))}
     if index.get("_class_name") == "StableDiffusionPipeline":
-        absent["safety_checker"] = None  # never run it: serving is not the place to filter images
+        absent["safety_checker"] = None  # as before: the engine never loads or runs the safety checker
     pipe = DiffusionPipeline.from_pretrained(ref, torch_dtype=dt, **absent)
     name = type(pipe).__name__
     vae = pipe.vae.to(dev).eval()

@@ -233,10 +233,9 @@ def test_flux_schedule_matches_stock(size: int, steps: int) -> None:
     assert torch.equal(ours.sigmas, stock.sigmas)
 
 
+@pytest.mark.parametrize("family", ["flux"], indirect=True)
 def test_flux_has_no_cfg_twin_and_guidance_is_embedded(family: tuple[str, Path, ModelComponents]) -> None:
-    name, _, c = family
-    if name != "flux":
-        pytest.skip("Flux only")
+    _, _, c = family
     assert not c.denoiser.uses_cfg(7.0)
     seen: list[int] = []
     net = c.denoiser.transformer  # type: ignore[attr-defined]
@@ -249,6 +248,16 @@ def test_flux_has_no_cfg_twin_and_guidance_is_embedded(family: tuple[str, Path, 
     assert set(seen) == {1}  # one row per forward even at guidance 6: no unconditional twin
     assert a.image is not None and b.image is not None
     assert (a.image - b.image).abs().max() > 1e-4  # the guidance embedding is fed
+
+
+def test_flux_without_guidance_embedding_ignores_guidance(root: Path) -> None:
+    # FLUX.1-schnell-like: no guidance embedding, so the network gets guidance=None and the value cannot matter.
+    c = load_model(str(build_tiny_flux(root / "flux-schnell", guidance_embeds=False)), device="cpu")
+    assert c.denoiser.guidance_embeds is False  # type: ignore[attr-defined]
+    a = _run1(c, RenderRequest(PROMPT, seed=1, steps=3, guidance=1.0))
+    b = _run1(c, RenderRequest(PROMPT, seed=1, steps=3, guidance=6.0))
+    assert a.image is not None and b.image is not None
+    assert torch.equal(a.image, b.image)
 
 
 # -- VAE upcast (SDXL) ------------------------------------------------------------------------------------------
@@ -289,10 +298,9 @@ def test_pndm_default_is_swapped_to_ddim_with_a_log_line(root: Path, caplog: pyt
         load_model(str(path), device="cpu", scheduler="flowmatch-euler")
 
 
+@pytest.mark.parametrize("family", ["sd3", "flux"], indirect=True)
 def test_noise_scheduler_on_a_flow_model_is_refused(family: tuple[str, Path, ModelComponents]) -> None:
-    name, path, _ = family
-    if name == "sdxl":
-        pytest.skip("flow-matching models only")
+    _, path, _ = family
     with pytest.raises(ValueError, match="NIRVANA_SCHEDULER"):
         load_model(str(path), device="cpu", scheduler="ddim")
     assert load_model(str(path), device="cpu", scheduler="flowmatch-euler").scheduler_family == "flowmatch-euler"
