@@ -211,7 +211,7 @@ class EngineCore:
         tpl = self._templates.get(key)
         if tpl is None:
             tpl = copy.deepcopy(self.c.scheduler)
-            tpl.set_timesteps(steps, device=self.c.device, **self.c.denoiser.timestep_kwargs(height, width))
+            tpl.set_timesteps(steps, device=self.c.device, **self.c.denoiser.timestep_kwargs(height, width, steps))
             ts = tpl.timesteps
             n_train = int(tpl.config.num_train_timesteps)
             if ts.numel() and self.c.denoiser.family == "unet" and float(ts.max()) >= n_train:
@@ -253,7 +253,8 @@ class EngineCore:
         else:
             # One CPU generator per request: a seed gives the same image on every device and in any batch.
             noise = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(req.seed)))
-            latents = noise.unsqueeze(0).to(self.c.device) * sched.init_noise_sigma
+            # Flow matching starts from unit-variance noise as is: FlowMatchEuler has no init_noise_sigma.
+            latents = noise.unsqueeze(0).to(self.c.device) * getattr(sched, "init_noise_sigma", 1.0)
         if hasattr(sched, "set_begin_index"):
             # Euler / flow-matching index their sigmas by step: a resumed row starts at K. The latent is never
             # re-multiplied by init_noise_sigma (wrong mid-trajectory).

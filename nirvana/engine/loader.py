@@ -250,10 +250,6 @@ def load_model(
     if isinstance(comps.denoiser, (SD3Denoiser, FluxDenoiser)):
         # The adapter derives the resolution shift from the config of the scheduler actually served.
         comps.denoiser.scheduler_config = comps.scheduler.config
-    if flow and not hasattr(comps.scheduler, "init_noise_sigma"):
-        # Flow matching starts from unit-variance noise as is (the stock SD3/Flux pipelines never scale it);
-        # FlowMatchEulerDiscreteScheduler just has no such attribute, which the engine core reads for a miss.
-        comps.scheduler.init_noise_sigma = 1.0
     return comps
 
 

@@ -157,23 +157,15 @@ def test_miss_matches_stock_pipeline(family: tuple[str, Path, ModelComponents]) 
     got = _run1(c, RenderRequest(PROMPT, seed=seed, steps=steps, guidance=guidance))
     assert got.image is not None
     extra: dict[str, object] = {}
-    stock_schedule = True
     if name == "flux":
-        # FluxPipeline's schedule: sigmas linspace(1, 1/N, N), shifted by mu. The core asks the adapter for its
-        # set_timesteps arguments; only with ``steps`` can the adapter add those sigmas.
+        # FluxPipeline's schedule: sigmas linspace(1, 1/N, N), shifted by mu; the core asks the adapter for it.
         sched = EngineCore(c)._schedule(steps, 32, 32)
         stock = copy.deepcopy(c.scheduler)
         stock.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=c.denoiser.timestep_kwargs(32, 32)["mu"])
-        stock_schedule = torch.allclose(sched.sigmas, stock.sigmas)
-        if not stock_schedule:
-            # Still check the adapter (packing, ids, t/1000, guidance, conditioning) on the schedule the engine
-            # runs: the default sigma spacing, which the stock pipeline reproduces when given it unshifted.
-            extra["sigmas"] = np.linspace(c.scheduler.sigma_max, c.scheduler.sigma_min, steps)
+        assert torch.allclose(sched.sigmas, stock.sigmas)
     want = _stock_image(name, path, c, steps, guidance, seed, **extra)
     diff = (got.image - want).abs().max().item()
     assert diff <= STOCK_TOLERANCE, f"{name}: engine vs stock pipeline max diff {diff}"
-    if not stock_schedule:
-        pytest.xfail("engine core does not pass `steps` to denoiser.timestep_kwargs: Flux's stock sigmas unused")
 
 
 # -- SD3 --------------------------------------------------------------------------------------------------------
