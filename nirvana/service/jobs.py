@@ -277,7 +277,7 @@ class JobStore:
             "embedding": None if plan.embedding is None else np.asarray(plan.embedding, dtype=np.float32).tobytes(),
             "lookup_ms": plan.lookup_ms,
             "gate_novel": plan.gate_novel,
-            "capture_steps": list(plan.capture_steps),
+            "capture_steps": None if plan.capture_steps is None else list(plan.capture_steps),
         }
         return self._one(
             "UPDATE jobs SET status = 'routed', routed_at = clock_timestamp(), updated_at = clock_timestamp(), "
