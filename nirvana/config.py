@@ -82,8 +82,8 @@ class Settings(BaseSettings):
     openai_wait_s: float = Field(300.0, gt=0, description="longest POST /v1/images/generations waits")
     render_threads: int = Field(0, ge=0, description="torch threads per render worker (0: torch default)")
     render_max_batch: int = Field(
-        8, ge=1, le=256, description="requests one render worker denoises together (jobs in flight per worker)"
-    )  # 8: measured by `nirvana bench batching` (docs/BENCHMARKS.md)
+        16, ge=1, le=256, description="requests one render worker denoises together (jobs in flight per worker)"
+    )  # 16: best images/s of `nirvana bench batching` on the bundled model (3.0x batch 1; docs/BENCHMARKS.md)
     render_max_wait_ms: float = Field(
         5.0, ge=0, le=10_000, description="an idle render worker waits this long for company before its first step"
     )

@@ -47,7 +47,8 @@ def store() -> Any:
             s = settings()
             if not s.database_url:
                 raise ValueError("database_url must be set (NIRVANA_DATABASE_URL)")
-            _state["store"] = JobStore.connect(s.database_url, max_size=4)
+            # A render worker has up to render_max_batch jobs in flight, each claiming, heart-beating, finishing.
+            _state["store"] = JobStore.connect(s.database_url, max_size=max(4, s.render_max_batch // 2 + 2))
         return _state["store"]
 
 
