@@ -39,7 +39,7 @@ def generate(
     seed: Annotated[int, typer.Option(help="seed of the initial noise")] = 0,
     size: Annotated[str | None, typer.Option(help="WIDTHxHEIGHT (model default)")] = None,
     model: Annotated[str, typer.Option(help="'bundled', a local diffusers dir, or a hub id")] = "bundled",
-    scheduler: Annotated[str, typer.Option(help="default | ddim | euler | dpmsolver++")] = "default",
+    scheduler: Annotated[str, typer.Option(help="default | ddim | euler | dpmsolver++ | flowmatch-euler")] = "default",
     negative_prompt: Annotated[str, typer.Option(help="negative prompt")] = "",
     out: Annotated[Path, typer.Option(help="output PNG")] = Path("out.png"),
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",

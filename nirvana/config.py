@@ -36,7 +36,7 @@ class Settings(BaseSettings):
     # Engine
     model: str = Field(BUNDLED_MODEL, description="'bundled', a hub id, or a local diffusers directory")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    scheduler: Literal["default", "ddim", "euler", "dpmsolver++"] = "default"
+    scheduler: Literal["default", "ddim", "euler", "dpmsolver++", "flowmatch-euler"] = "default"
     default_steps: int = Field(50, ge=1, le=1000)
     max_steps: int = Field(200, ge=1, le=1000)
     max_prompt_chars: int = Field(1000, ge=1)
