@@ -23,14 +23,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import numpy as np
-
 from nirvana.cache.core import ApproximateCache, CacheRequest, LookupResult
 from nirvana.config import Settings
 from nirvana.service.jobs import JobStore
 from nirvana.service.liveness import prune
 from nirvana.service.models import ServedModel
-from nirvana.service.plan import CachePlan, SourceState, namespace_of
+from nirvana.service.plan import CachePlan, SourceState, cache_request
 from nirvana.service.service import TaskSender, image_key
 
 log = logging.getLogger(__name__)
@@ -38,22 +36,6 @@ log = logging.getLogger(__name__)
 
 def worker_name(role: str) -> str:
     return f"{role}@{socket.gethostname()}:{os.getpid()}"
-
-
-def cache_request(job: dict[str, Any], shared_pool: bool) -> CacheRequest:
-    """The cache's view of a job row being routed (namespace: ``plan.namespace_of``)."""
-    emb = job.get("embedding")
-    return CacheRequest(
-        prompt=job["prompt"],
-        negative_prompt=job["negative_prompt"],
-        seed=int(job["seed"]),
-        steps=int(job["steps"]),
-        guidance=float(job["guidance"]),
-        width=int(job["width"]),
-        height=int(job["height"]),
-        namespace=namespace_of(job, shared_pool),
-        embedding=None if emb is None else np.frombuffer(bytes(emb), dtype=np.float32).copy(),
-    )
 
 
 def png_bytes(image: Any) -> bytes:
@@ -240,7 +222,7 @@ class Renderer:
             png = png_bytes(to_pil(res.image.unsqueeze(0))[0])
             ref = self.cache.store.put_bytes(image_key(plan.tenant, job_id), png, "png")
             if plan.cache_mode != "off":
-                self.cache.record(job_id, plan.cache_request(), res.states, png, hit)
+                self.cache.record(job_id, plan.request, res.states, png, hit)
             if hook is not None:
                 hook("recorded", info)
             ok = self.store.finish(job_id, attempts, ref.uri, len(png), res.start_step, res.steps_run, res.seconds)

@@ -65,30 +65,16 @@ class CachePlan:
 
 
 @dataclass(frozen=True)
-class RenderRequestSpec:
-    """The user's request as the job row holds it (seed concrete, size resolved)."""
-
-    prompt: str
-    negative_prompt: str
-    seed: int
-    steps: int
-    guidance: float
-    width: int
-    height: int
-    model: str
-
-
-@dataclass(frozen=True)
 class RenderPlan:
-    """Everything a render worker needs for one job: request, namespace, the router's plan, the attempt."""
+    """Everything a render worker needs for one job: the request in the cache's terms (with its namespace and
+    embedding), the router's plan, the attempt."""
 
     job_id: str
     tenant: str
     attempts: int
     render_queue: str
     cache_mode: str
-    request: RenderRequestSpec
-    namespace: Namespace
+    request: CacheRequest
     plan: CachePlan
 
     @property
@@ -110,24 +96,14 @@ class RenderPlan:
                 source_job_id=row.get("source_job_id"),
             )
         caps = row.get("capture_steps")
-        emb = row.get("embedding")
+        request = cache_request(row, shared_pool)
         return cls(
             job_id=str(row["id"]),
             tenant=str(row["tenant"]),
             attempts=int(row["attempts"]),
             render_queue=str(row["render_queue"]),
             cache_mode=str(row["cache_mode"]),
-            request=RenderRequestSpec(
-                prompt=row["prompt"],
-                negative_prompt=row["negative_prompt"],
-                seed=int(row["seed"]),
-                steps=int(row["steps"]),
-                guidance=float(row["guidance"]),
-                width=int(row["width"]),
-                height=int(row["height"]),
-                model=str(row["model"]),
-            ),
-            namespace=namespace_of(row, shared_pool),
+            request=request,
             plan=CachePlan(
                 tier=tier,
                 capture_steps=None if caps is None else tuple(int(k) for k in caps),
@@ -136,7 +112,7 @@ class RenderPlan:
                 lookup_ms=row["lookup_ms"],
                 gate_novel=row["gate_novel"],
                 exact_key=row["exact_key"],
-                embedding=None if emb is None else np.frombuffer(bytes(emb), dtype=np.float32).copy(),
+                embedding=request.embedding,
                 image_blob_id=row["image_blob_id"],
             ),
         )
@@ -144,20 +120,6 @@ class RenderPlan:
     def as_miss(self) -> RenderPlan:
         """The same job planned as a miss (its source state could not be loaded)."""
         return replace(self, plan=replace(self.plan, tier="miss", source=None))
-
-    def cache_request(self) -> CacheRequest:
-        r = self.request
-        return CacheRequest(
-            prompt=r.prompt,
-            negative_prompt=r.negative_prompt,
-            seed=r.seed,
-            steps=r.steps,
-            guidance=r.guidance,
-            width=r.width,
-            height=r.height,
-            namespace=self.namespace,
-            embedding=self.plan.embedding,
-        )
 
     def lookup(self) -> LookupResult | None:
         """The router's decision in the cache's terms (what ``load_state`` and ``record`` take); None = miss."""
@@ -181,7 +143,19 @@ class RenderPlan:
         )
 
 
-def namespace_of(row: Mapping[str, Any], shared_pool: bool) -> Namespace:
-    """A job's cache namespace: its model_key × the cache tenant chosen when it was created (its tenant, or the
-    shared pool when the tenant opted in; ``shared_pool`` only for rows older than that column)."""
-    return Namespace(row["model_key"], row.get("cache_tenant") or (SHARED_TENANT if shared_pool else row["tenant"]))
+def cache_request(job: Mapping[str, Any], shared_pool: bool) -> CacheRequest:
+    """The cache's view of a job row. Namespace: the job's model_key × the cache tenant chosen when the job was
+    created (its tenant, or the shared pool when the tenant opted in; ``shared_pool`` only for older rows)."""
+    emb = job.get("embedding")
+    tenant = job.get("cache_tenant") or (SHARED_TENANT if shared_pool else job["tenant"])
+    return CacheRequest(
+        prompt=job["prompt"],
+        negative_prompt=job["negative_prompt"],
+        seed=int(job["seed"]),
+        steps=int(job["steps"]),
+        guidance=float(job["guidance"]),
+        width=int(job["width"]),
+        height=int(job["height"]),
+        namespace=Namespace(job["model_key"], tenant),
+        embedding=None if emb is None else np.frombuffer(bytes(emb), dtype=np.float32).copy(),
+    )
