@@ -134,6 +134,11 @@ def _miss(req: CacheRequest, exact_key: str) -> LookupResult:
     return LookupResult("miss", 0, None, None, None, None, None, None, 0.0, num_steps=req.steps, exact_key=exact_key)
 
 
+def _blob_owner(job_id: str, attempt: int) -> str:
+    """What a recorded blob's key derives from: the job, and the attempt after the first (older keys kept)."""
+    return job_id if attempt == 0 else f"{job_id}#a{attempt}"
+
+
 class ApproximateCache:
     """Approximate cache of intermediate latents (NIRVANA) with an exact tier, a novelty gate and eviction.
 
@@ -466,13 +471,19 @@ class ApproximateCache:
         states: list[CapturedState],
         image_png: bytes | None,
         hit: LookupResult | None,
+        attempt: int = 0,
     ) -> dict[str, Any]:
         """Record a served generation (hits included); idempotent per ``job_id``.
 
         Counts the hit on the state it used (once per job), then, if the eviction policy admits it, stores the
         prompt, its image (exact tier) and its states: those at k > hit.k are its own (blobs written first, at
-        keys derived from the job id); those at k ≤ hit.k borrow the source prompt's blobs. States at k ≤
-        hit.k passed in are ignored. Returns what ``CacheIndex.record`` reports.
+        keys derived from the job id and ``attempt``); those at k ≤ hit.k borrow the source prompt's blobs.
+        States at k ≤ hit.k passed in are ignored. Returns what ``CacheIndex.record`` reports.
+
+        Invariant: the ledger row (``cache_jobs``) is checked and inserted in the same transaction as the rows
+        (``CacheIndex.record``); the ``_job_seen`` read before it only skips blob writes for a job already
+        recorded. Two attempts racing both write blobs, at different keys (the attempt is in them), and only
+        the ledger's winner makes its blobs visible; the loser's become orphans for ``sweep_orphans``.
         """
         if not job_id or len(job_id) > 200:
             raise ValueError("job_id must be a non-empty string of at most 200 chars")
@@ -497,7 +508,7 @@ class ApproximateCache:
                 seen.add(st.step)
                 latent = st.latent.detach().to("cpu").float().numpy()
                 ref = self.store.put_latent(
-                    LatentStore.state_key(space.model_key, space.tenant, job_id, st.step),
+                    LatentStore.state_key(space.model_key, space.tenant, _blob_owner(job_id, attempt), st.step),
                     latent,
                     self.codec,
                     {"step": st.step, "num_steps": st.num_steps, "timestep": st.timestep},
@@ -518,7 +529,7 @@ class ApproximateCache:
                 )
             if image_png:
                 ref = self.store.put_bytes(
-                    LatentStore.image_key(space.model_key, space.tenant, job_id), image_png, "png"
+                    LatentStore.image_key(space.model_key, space.tenant, _blob_owner(job_id, attempt)), image_png, "png"
                 )
                 image = NewImage(ref.uri, ref.bytes, ref.checksum)
         return self.index.record(

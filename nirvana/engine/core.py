@@ -48,6 +48,11 @@ class GenerationCancelled(Exception):
     """Raised by a progress callback to stop a run between denoising steps."""
 
 
+class StateRejected(ValueError):
+    """A request's start state cannot be resumed here (another model_key or shape, non-finite values, no
+    schedule point at or below its timestep). The request itself is fine: a caller may rerun it from noise."""
+
+
 def resume_index(state: CapturedState, timesteps: Sequence[float], num_steps: int) -> int:
     """Index into a ``num_steps`` schedule at which ``state`` resumes.
 
@@ -63,13 +68,13 @@ def resume_index(state: CapturedState, timesteps: Sequence[float], num_steps: in
     else:
         below = [i for i, t in enumerate(timesteps) if float(t) <= state.timestep + 1e-6]
         if not below:
-            raise ValueError(
+            raise StateRejected(
                 f"start: no timestep of the {num_steps}-step schedule is at or below the captured timestep "
                 f"{state.timestep}"
             )
         idx = below[0]
     if not 0 < idx < len(timesteps):
-        raise ValueError(f"start: resume step K={idx} must satisfy 0 < K < steps={num_steps}")
+        raise StateRejected(f"start: resume step K={idx} must satisfy 0 < K < steps={num_steps}")
     return idx
 
 
@@ -230,11 +235,11 @@ class EngineCore:
 
     def _check_state(self, state: CapturedState, key: str, shape: tuple[int, ...]) -> None:
         if state.model_key != key:
-            raise ValueError(f"start: state belongs to model_key {state.model_key!r}, this run is {key!r}")
+            raise StateRejected(f"start: state belongs to model_key {state.model_key!r}, this run is {key!r}")
         if tuple(state.latent.shape) != shape:
-            raise ValueError(f"start: state latent shape {tuple(state.latent.shape)} != expected {shape}")
+            raise StateRejected(f"start: state latent shape {tuple(state.latent.shape)} != expected {shape}")
         if not torch.isfinite(state.latent).all():
-            raise ValueError("start: state latent contains NaN or Inf")
+            raise StateRejected("start: state latent contains NaN or Inf")
 
     def _make_row(self, req: RenderRequest) -> _Row:
         h = req.height or self.c.sample_size[0]

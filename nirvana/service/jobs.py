@@ -335,13 +335,20 @@ class JobStore:
         )
         return row is None or bool(row["cancel_requested"])
 
-    def downgrade_to_miss(self, job_id: str, attempts: int) -> None:
-        """The planned state vanished (evicted, corrupt): the job renders from noise and says so."""
+    def downgrade_to_miss(self, job_id: str, attempts: int, reason: str = "missing") -> None:
+        """The planned state is unusable (``reason``: missing, error, rejected): the job renders from noise and
+        says so (``cache_fallback``, counted in /metrics)."""
         with self.conn() as c:
             c.execute(
-                "UPDATE jobs SET tier = 'miss', k = 0, state_id = NULL WHERE id = %s AND attempts = %s",
-                (job_id, attempts),
+                "UPDATE jobs SET tier = 'miss', k = 0, state_id = NULL, cache_fallback = %s "
+                "WHERE id = %s AND attempts = %s",
+                (reason, job_id, attempts),
             )
+
+    def record_failed(self, job_id: str, error: str) -> None:
+        """The finished job's cache record failed for good: the job stays done; the error is kept for /metrics."""
+        with self.conn() as c:
+            c.execute("UPDATE jobs SET cache_record_error = %s WHERE id = %s", (error[:500], job_id))
 
     def finish(
         self,

@@ -75,6 +75,13 @@ class JobsCollector(Collector):
                 )
             ).fetchone()
             stage_rows = {name: c.execute(_hist_sql(expr, STAGE_BUCKETS)).fetchone() for name, expr in _STAGES.items()}
+            faults = c.execute(
+                "SELECT count(*) FILTER (WHERE cache_fallback = 'missing') AS missing, "
+                "count(*) FILTER (WHERE cache_fallback = 'error') AS error, "
+                "count(*) FILTER (WHERE cache_fallback = 'rejected') AS rejected, "
+                "count(*) FILTER (WHERE cache_record_error IS NOT NULL) AS record_failed "
+                "FROM jobs WHERE cache_fallback IS NOT NULL OR cache_record_error IS NOT NULL"
+            ).fetchone()
 
         g = GaugeMetricFamily("nirvana_jobs", "Jobs by state", labels=["state"])
         for s in STATES:
@@ -132,3 +139,19 @@ class JobsCollector(Collector):
         b, total = _buckets(stage_rows["overhead"], STAGE_BUCKETS)
         oh.add_metric([], b, total)
         yield oh
+
+        names = ("missing", "error", "rejected", "record_failed")
+        f = faults if isinstance(faults, dict) else dict(zip(names, faults, strict=True))
+        fb = CounterMetricFamily(
+            "nirvana_cache_fallbacks",
+            "Jobs planned as approximate hits that rendered from noise, by why the state was unusable",
+            labels=["reason"],
+        )
+        for reason in ("missing", "error", "rejected"):
+            fb.add_metric([reason], float(f[reason]))
+        yield fb
+        rf = CounterMetricFamily(
+            "nirvana_cache_record_failures", "Finished jobs the cache could not record (the jobs stayed done)"
+        )
+        rf.add_metric([], float(f["record_failed"]))
+        yield rf

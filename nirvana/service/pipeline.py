@@ -4,8 +4,10 @@
 
 Invariants:
     * Every step starts with a guarded claim of the job row (``JobStore``), so a redelivered task is a no-op.
-    * Render order: image object → cache record (its blobs, then its rows) → the job row that makes the image
-      visible. A crash anywhere leaves either nothing visible or everything.
+    * Render order: image object (keyed by the attempt) → the job row that makes it visible → cache record (its
+      blobs, then its rows; best-effort, retried on its own). A crash before the row leaves nothing visible; a
+      cache fault after it costs the cache an entry, never the job its image.
+    * A planned source state that cannot be loaded or resumed is a miss for that job (``cache_fallback``).
     * The cache counts a hit once per job id (``ApproximateCache.record`` is idempotent per job).
     * Cancellation is honoured between denoising steps: a heartbeat thread polls ``cancel_requested`` and the
       progress callback raises ``GenerationCancelled``.
@@ -21,15 +23,19 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nirvana.cache.core import ApproximateCache, CacheRequest, LookupResult
 from nirvana.config import Settings
 from nirvana.service.jobs import JobStore
 from nirvana.service.liveness import prune
 from nirvana.service.models import ServedModel
-from nirvana.service.plan import CachePlan, SourceState, cache_request
+from nirvana.service.plan import CachePlan, RenderPlan, SourceState, cache_request
 from nirvana.service.service import TaskSender, image_key
+
+if TYPE_CHECKING:
+    from nirvana.engine.core import RenderRequest, RowResult
+    from nirvana.engine.state import CapturedState
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +158,7 @@ class Renderer:
         # Test-only fault injection (nirvana.service.faults; None unless NIRVANA_FAULT_INJECTION=1): called as
         # fault_hook(point, job) at "step", "rendered" and "recorded".
         self.fault_hook = fault_hook
+        self.record_retry_delays_s: tuple[float, ...] = (0.2, 1.0, 3.0)  # a transient record error gets retries
 
     def _heartbeat(self, job_id: str, attempts: int, prog: _Progress) -> None:
         while not prog.stop.wait(self.settings.progress_interval_s):
@@ -161,10 +168,49 @@ class Renderer:
             except Exception as e:  # a DB blip must not kill the render; the reaper has the final word
                 log.warning("heartbeat of %s failed: %s", job_id, e)
 
+    def _load_start(self, job_id: str, hit: LookupResult) -> tuple[CapturedState | None, str | None]:
+        """The planned source state, or (None, reason) when it cannot be used: never an exception (a cache
+        that fails to load a state costs the job its shortcut, not its image)."""
+        try:
+            state = self.cache.load_state(hit)
+        except Exception as e:
+            log.warning("job %s: loading state %s failed (%s: %s): rendering from noise", job_id, hit.state_id,
+                        type(e).__name__, e)  # fmt: skip
+            return None, "error"
+        return (state, None) if state is not None else (None, "missing")
+
+    def _record(self, plan: RenderPlan, res: RowResult, png: bytes, hit: LookupResult | None) -> None:
+        """Record a finished job in the cache, retried on its own; never raises, never re-renders.
+
+        Why after ``finish``: the image is the job's result, the cache only an optimisation; a record that
+        fails (database down, a check on a state) must not turn a good image into a failed or re-rendered job.
+        """
+        delays = self.record_retry_delays_s
+        for i in range(len(delays) + 1):
+            try:
+                self.cache.record(plan.job_id, plan.request, res.states, png, hit, attempt=plan.attempts)
+                return
+            except Exception as e:
+                last = f"{type(e).__name__}: {e}"
+                if isinstance(e, ValueError) or i == len(delays):  # a check that fails once fails every time
+                    break
+                log.warning("job %s: cache record failed (%s), retrying in %.1f s", plan.job_id, last, delays[i])
+                time.sleep(delays[i])
+        log.error("job %s: not recorded in the cache (%s); the job stays done", plan.job_id, last)
+        try:
+            self.store.record_failed(plan.job_id, last)
+        except Exception as e:  # the count is best-effort too
+            log.warning("job %s: could not note the record failure: %s", plan.job_id, e)
+
     def render(self, job_id: str, attempt: int) -> str:
         """Render one job for the message of ``attempt``; returns ``done``, ``cancelled``, ``failed``,
-        ``retry`` or ``skipped``. Thread-safe: with a batching engine loop several render at once."""
-        from nirvana.engine.core import GenerationCancelled, RenderRequest
+        ``retry`` or ``skipped``. Thread-safe: with a batching engine loop several render at once.
+
+        Order: claim → source state (any failure to load or resume it: render from noise, ``cache_fallback``)
+        → render → image object → job ``done`` (the row makes the image visible) → cache record (best-effort,
+        retried on its own). A cache fault never fails or re-renders a job.
+        """
+        from nirvana.engine.core import GenerationCancelled, StateRejected
         from nirvana.engine.engine import to_pil
 
         plan = self.store.claim_render(job_id, attempt, self.name, self.settings.cache_shared_pool)
@@ -172,24 +218,22 @@ class Renderer:
             return "skipped"
         attempts = plan.attempts
         hit = plan.lookup()
-        start = None
+        start: CapturedState | None = None
         if hit is not None and plan.tier == "approximate":
-            start = self.cache.load_state(hit)
+            start, reason = self._load_start(job_id, hit)
             if start is None:
-                self.store.downgrade_to_miss(job_id, attempts)
+                self.store.downgrade_to_miss(job_id, attempts, reason or "missing")
                 plan, hit = plan.as_miss(), None
-        r = plan.request
         caps = plan.plan.capture_steps
         if plan.cache_mode == "off":
             caps = ()
         elif caps is None:  # routed before the plan carried its capture steps
-            caps = tuple(self.cache.policy.cached_steps(r.steps))
+            caps = tuple(self.cache.policy.cached_steps(plan.request.steps))
         prog = _Progress()
         beat = threading.Thread(target=self._heartbeat, args=(job_id, attempts, prog), daemon=True)
         beat.start()
-
         hook = self.fault_hook
-        info = {"id": job_id, "prompt": r.prompt, "attempts": attempts}
+        info = {"id": job_id, "prompt": plan.request.prompt, "attempts": attempts}
 
         def callback(i: int, n: int) -> None:
             prog.step = i
@@ -199,34 +243,21 @@ class Renderer:
                 raise GenerationCancelled(job_id)
 
         try:
-            res = self.engine.run(
-                RenderRequest(
-                    prompt=r.prompt,
-                    seed=r.seed,
-                    negative_prompt=r.negative_prompt,
-                    steps=r.steps,
-                    guidance=r.guidance,
-                    height=r.height,
-                    width=r.width,
-                    start=start,
-                    capture=caps,
-                    callback=callback,
-                    tag=job_id,
-                )
-            )
+            res = self.engine.run(self._request(plan, start, caps, callback))
+            if isinstance(res.error, StateRejected):
+                log.warning("job %s: the engine refused state %s (%s): rendering from noise", job_id,
+                            hit.state_id if hit else None, res.error)  # fmt: skip
+                self.store.downgrade_to_miss(job_id, attempts, "rejected")
+                plan, hit = plan.as_miss(), None
+                res = self.engine.run(self._request(plan, None, caps, callback))
             if res.error is not None:
                 raise res.error
             assert res.image is not None
             if hook is not None:
                 hook("rendered", info)
             png = png_bytes(to_pil(res.image.unsqueeze(0))[0])
-            ref = self.cache.store.put_bytes(image_key(plan.tenant, job_id), png, "png")
-            if plan.cache_mode != "off":
-                self.cache.record(job_id, plan.request, res.states, png, hit)
-            if hook is not None:
-                hook("recorded", info)
+            ref = self.cache.store.put_bytes(image_key(plan.tenant, job_id, attempts), png, "png")
             ok = self.store.finish(job_id, attempts, ref.uri, len(png), res.start_step, res.steps_run, res.seconds)
-            return "done" if ok else "skipped"
         except GenerationCancelled:
             self.store.mark_cancelled(job_id, attempts)
             return "cancelled"
@@ -245,6 +276,32 @@ class Renderer:
         finally:
             prog.stop.set()
             beat.join(timeout=5)
+        if not ok:
+            return "skipped"  # another attempt owns the job now: its record is its own
+        if plan.cache_mode != "off":
+            self._record(plan, res, png, hit)
+        if hook is not None:
+            hook("recorded", info)
+        return "done"
+
+    @staticmethod
+    def _request(plan: RenderPlan, start: CapturedState | None, caps: Any, callback: Any) -> RenderRequest:
+        from nirvana.engine.core import RenderRequest
+
+        r = plan.request
+        return RenderRequest(
+            prompt=r.prompt,
+            seed=r.seed,
+            negative_prompt=r.negative_prompt,
+            steps=r.steps,
+            guidance=r.guidance,
+            height=r.height,
+            width=r.width,
+            start=start,
+            capture=caps,
+            callback=callback,
+            tag=plan.job_id,
+        )
 
 
 class Maintenance:

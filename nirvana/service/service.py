@@ -48,9 +48,13 @@ class TaskSender(Protocol):
     def send_render(self, job_id: str, queue: str, attempt: int) -> None: ...
 
 
-def image_key(tenant: str, job_id: str) -> str:
-    """Deterministic storage key of a job's PNG (a retried render overwrites the same object)."""
-    return f"jobs/{token('tenant', tenant)}/{job_id[:2]}/{job_id}.png"
+def image_key(tenant: str, job_id: str, attempt: int = 0) -> str:
+    """Deterministic storage key of a job's PNG for one render attempt (0: served by the router).
+
+    Why the attempt: a worker the reaper gave up on may still be running; its late write must not replace the
+    image of the attempt whose row made it visible (``finish`` is guarded by the attempt)."""
+    base = f"jobs/{token('tenant', tenant)}/{job_id[:2]}/{job_id}"
+    return f"{base}.png" if attempt == 0 else f"{base}.a{attempt}.png"
 
 
 class JobService:
