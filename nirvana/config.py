@@ -71,6 +71,9 @@ class Settings(BaseSettings):
     # Workers
     visibility_timeout_s: int = Field(3600, ge=60)
     max_attempts: int = Field(3, ge=1, le=20)
+    max_route_attempts: int = Field(
+        5, ge=1, le=50, description="route claims of a job before it fails with its last route error"
+    )
 
     # Job service (api/, workers/, `nirvana up`; see docs/SERVICE.md)
     api_host: str = "127.0.0.1"
@@ -111,6 +114,17 @@ class Settings(BaseSettings):
     rate_limit_requests_burst: int = Field(200, ge=1, description="requests a key may send at once")
     rate_limit_jobs_per_s: float = Field(10.0, ge=0, description="sustained jobs created per second per API key")
     rate_limit_jobs_burst: int = Field(1000, ge=1, description="jobs a key may create at once (≥ max_batch_jobs)")
+    # Failed authentication is throttled per client address before the database is asked (a random key costs
+    # a query otherwise): a lookup of a key this process has not seen valid costs one token; 0 turns it off.
+    rate_limit_auth_failures_per_s: float = Field(
+        1.0, ge=0, description="sustained lookups of unknown API keys per second per client address (then 429)"
+    )
+    rate_limit_auth_failures_burst: int = Field(
+        20, ge=1, description="lookups of unknown API keys a client address may make at once"
+    )
+    api_key_negative_cache_s: float = Field(
+        60.0, ge=0, description="seconds an unknown API key is answered 401 without a database query (0: off)"
+    )
 
     @field_validator("model")
     @classmethod

@@ -248,17 +248,35 @@ class JobStore:
             return int(cur.rowcount or 0)
 
     # ------------------------------------------------------------------ router transitions
-    def claim_route(self, job_id: str) -> dict[str, Any] | None:
-        """queued|routing → routing (routing is re-entrant: a redelivered route task redoes a lookup, which
-        writes nothing). None when the job is past routing or gone."""
+    def claim_route(self, job_id: str, max_attempts: int = 5) -> dict[str, Any] | None:
+        """queued|routing → routing, counting the attempt (routing is re-entrant: a redelivered route task
+        redoes a lookup, which writes nothing). None when the job is past routing or gone, or when it already
+        had ``max_attempts`` route claims: then it ends ``failed`` naming the count and its last route error."""
+        failed = self._one(
+            "UPDATE jobs SET status = 'failed', finished_at = clock_timestamp(), updated_at = clock_timestamp(), "
+            "error = format('route attempts exhausted (%%s)%%s', route_attempts, "
+            "coalesce(': ' || route_error, '')) "
+            "WHERE id = %s AND status IN ('queued', 'routing') AND route_attempts >= %s RETURNING id",
+            (job_id, max_attempts),
+        )
+        if failed is not None:
+            return None
         # A route task that arrives proves the job was enqueued, even if the API failed to record it (database
         # gone between the send and mark_enqueued): without this, an Idempotency-Key replay answered 409 forever.
         return self._one(
-            "UPDATE jobs SET status = 'routing', updated_at = clock_timestamp(), "
+            "UPDATE jobs SET status = 'routing', updated_at = clock_timestamp(), route_attempts = route_attempts + 1, "
             "enqueued_at = coalesce(enqueued_at, clock_timestamp()) "
             "WHERE id = %s AND status IN ('queued', 'routing') RETURNING *",
             (job_id,),
         )
+
+    def note_route_error(self, job_id: str, error: str) -> None:
+        """Keep a failed route attempt's reason (the job's ``error`` once its route attempts run out)."""
+        with self.conn() as c:
+            c.execute(
+                "UPDATE jobs SET route_error = %s WHERE id = %s AND status IN ('queued', 'routing')",
+                (error[:500], job_id),
+            )
 
     def set_plan(self, job_id: str, plan: CachePlan) -> dict[str, Any] | None:
         """routing → routed with the router's plan; None if the job left ``routing`` (e.g. cancelled)."""
@@ -281,7 +299,7 @@ class JobStore:
         }
         return self._one(
             "UPDATE jobs SET status = 'routed', routed_at = clock_timestamp(), updated_at = clock_timestamp(), "
-            "tier = %(tier)s, k = %(k)s, k_policy = %(k_policy)s, similarity = %(similarity)s, "
+            "lease_until = NULL, tier = %(tier)s, k = %(k)s, k_policy = %(k_policy)s, similarity = %(similarity)s, "
             "source_prompt_id = %(source_prompt_id)s, source_job_id = %(source_job_id)s, "
             "state_id = %(state_id)s, image_blob_id = %(image_blob_id)s, exact_key = %(exact_key)s, "
             "embedding = %(embedding)s, lookup_ms = %(lookup_ms)s, gate_novel = %(gate_novel)s, "
@@ -393,7 +411,7 @@ class JobStore:
     def release_for_retry(self, job_id: str, attempts: int) -> bool:
         """rendering → routed after a transient render error (the caller re-sends with ``attempts``)."""
         row = self._one(
-            "UPDATE jobs SET status = 'routed', worker = NULL, updated_at = clock_timestamp() "
+            "UPDATE jobs SET status = 'routed', worker = NULL, updated_at = clock_timestamp(), lease_until = NULL "
             "WHERE id = %s AND status = 'rendering' AND attempts = %s RETURNING id",
             (job_id, attempts),
         )
@@ -405,34 +423,41 @@ class JobStore:
 
         * rendering with a heartbeat older than ``stale_s`` (its worker died): back to routed when attempts <
           ``max_attempts`` (→ ``render``), else failed (→ ``failed``).
-        * routed or queued/routing untouched for ``requeue_s`` (a task lost between the row and the broker):
-          re-sent as is (→ ``render`` / ``route``); duplicates are harmless (guarded claims).
+        * routed or queued/routing whose lease ran out (a task lost between the row and the broker, or still
+          waiting in a backlog): re-sent as is (→ ``render`` / ``route``). The lease starts at the transition
+          that sent the job's message (``updated_at``, ``requeue_s`` long) and each re-send doubles it (capped
+          at 64 × ``requeue_s``), so a job in a long backlog gets a bounded number of duplicates, not one
+          every ``requeue_s``. Duplicates are harmless (guarded claims); route attempts are capped apart.
         """
         out: dict[str, list[dict[str, Any]]] = {"render": [], "route": [], "failed": []}
+        lease = "coalesce(lease_until, updated_at + make_interval(secs => %(requeue)s)) < clock_timestamp()"
+        renew = (
+            "lease_until = clock_timestamp() + make_interval(secs => %(requeue)s * power(2, least(resends + 1, 6))), "
+            "resends = resends + 1"
+        )
+        args = {"stale": stale_s, "requeue": requeue_s, "max": max_attempts}
         with self.conn() as c:
             out["failed"] = c.execute(
                 "UPDATE jobs SET status = 'failed', finished_at = clock_timestamp(), updated_at = clock_timestamp(), "
                 "error = format('render attempts exhausted (%%s): the worker stopped responding', attempts) "
-                "WHERE status = 'rendering' AND heartbeat_at < clock_timestamp() - make_interval(secs => %s) "
-                "AND attempts >= %s RETURNING id",
-                (stale_s, max_attempts),
+                "WHERE status = 'rendering' AND heartbeat_at < clock_timestamp() - make_interval(secs => %(stale)s) "
+                "AND attempts >= %(max)s RETURNING id",
+                args,
             ).fetchall()
             out["render"] = c.execute(
-                "UPDATE jobs SET status = 'routed', worker = NULL, updated_at = clock_timestamp() "
-                "WHERE status = 'rendering' AND heartbeat_at < clock_timestamp() - make_interval(secs => %s) "
-                "AND attempts < %s RETURNING id, attempts, render_queue",
-                (stale_s, max_attempts),
+                "UPDATE jobs SET status = 'routed', worker = NULL, updated_at = clock_timestamp(), lease_until = NULL "
+                "WHERE status = 'rendering' AND heartbeat_at < clock_timestamp() - make_interval(secs => %(stale)s) "
+                "AND attempts < %(max)s RETURNING id, attempts, render_queue",
+                args,
             ).fetchall()
             out["render"] += c.execute(
-                "UPDATE jobs SET updated_at = clock_timestamp() WHERE status = 'routed' "
-                "AND updated_at < clock_timestamp() - make_interval(secs => %s) RETURNING id, attempts, render_queue",
-                (requeue_s,),
+                f"UPDATE jobs SET {renew} WHERE status = 'routed' AND {lease} RETURNING id, attempts, render_queue",
+                args,
             ).fetchall()
             out["route"] = c.execute(
-                "UPDATE jobs SET updated_at = clock_timestamp() WHERE status IN ('queued', 'routing') "
-                "AND enqueued_at IS NOT NULL AND updated_at < clock_timestamp() - make_interval(secs => %s) "
-                "RETURNING id",
-                (requeue_s,),
+                f"UPDATE jobs SET {renew} WHERE status IN ('queued', 'routing') AND enqueued_at IS NOT NULL "
+                f"AND {lease} RETURNING id",
+                args,
             ).fetchall()
         return out
 

@@ -7,7 +7,9 @@ queue (the worker serves every size of its checkpoint), but their cache namespac
 Invariants:
     * The router publishes only to queues registered here, so a misspelt queue never swallows jobs (Celery's
       ``task_create_missing_queues`` is off as well).
-    * Registration is an upsert: restarting a worker with retrained weights updates the checkpoint id.
+    * Registration is an upsert keyed by (name, checkpoint): during a rolling deploy the old and the new
+      checkpoint of a name are two rows (two queues); new jobs go to the most recently registered one whose
+      workers are alive (``ModelRegistry``), so the two sets of workers never overwrite one row in turn.
 """
 
 from __future__ import annotations
@@ -86,7 +88,7 @@ def register(pool: Any, model: ServedModel) -> None:
     with pool.connection() as conn:
         conn.execute(
             f"INSERT INTO served_models ({_COLS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
-            "ON CONFLICT (name) DO UPDATE SET ref = EXCLUDED.ref, checkpoint_id = EXCLUDED.checkpoint_id, "
+            "ON CONFLICT (name, checkpoint_id) DO UPDATE SET ref = EXCLUDED.ref, "
             "scheduler_family = EXCLUDED.scheduler_family, height = EXCLUDED.height, width = EXCLUDED.width, "
             "size_multiple = EXCLUDED.size_multiple, default_guidance = EXCLUDED.default_guidance, "
             "queue = EXCLUDED.queue, scheduler_config = EXCLUDED.scheduler_config, heartbeat_at = now()",
@@ -105,18 +107,40 @@ def register(pool: Any, model: ServedModel) -> None:
         )
 
 
-def heartbeat(pool: Any, name: str) -> None:
+LIVE_S = 60.0  # a served model whose heartbeat (every 15 s) is older than this has no live worker
+
+
+def heartbeat(pool: Any, model: ServedModel) -> None:
     with pool.connection() as conn:
-        conn.execute("UPDATE served_models SET heartbeat_at = now() WHERE name = %s", (name,))
+        conn.execute(
+            "UPDATE served_models SET heartbeat_at = now() WHERE name = %s AND checkpoint_id = %s",
+            (model.name, model.checkpoint_id),
+        )
 
 
 def list_models(pool: Any) -> list[tuple[ServedModel, float]]:
-    """Every registered model with the age of its heartbeat in seconds."""
+    """Every registered (name, checkpoint) with the age of its heartbeat in seconds; per name, the most
+    recently registered first."""
     with pool.connection() as conn, conn.cursor(row_factory=tuple_row) as cur:
         rows = cur.execute(
-            f"SELECT {_COLS}, extract(epoch FROM now() - heartbeat_at) FROM served_models ORDER BY name"
+            f"SELECT {_COLS}, extract(epoch FROM now() - heartbeat_at) FROM served_models "
+            "ORDER BY name, registered_at DESC, checkpoint_id"
         ).fetchall()
     return [(ServedModel(*r[:10]), float(r[10])) for r in rows]
+
+
+def current(rows: list[tuple[ServedModel, float]]) -> dict[str, ServedModel]:
+    """Per name, the checkpoint new jobs go to: the most recently registered one with a live heartbeat, or
+    the most recently registered one when none is live (jobs then wait in its queue)."""
+    out: dict[str, ServedModel] = {}
+    for m, age in rows:  # newest registration first within a name
+        if m.name not in out or (age <= LIVE_S and not _alive(out[m.name], rows)):
+            out[m.name] = m
+    return out
+
+
+def _alive(model: ServedModel, rows: list[tuple[ServedModel, float]]) -> bool:
+    return any(m == model and age <= LIVE_S for m, age in rows)
 
 
 class ModelRegistry:
@@ -133,7 +157,7 @@ class ModelRegistry:
     def models(self, refresh: bool = False) -> dict[str, ServedModel]:
         with self._lock:
             if refresh or time.monotonic() - self._at > self.ttl_s:
-                self._models = {m.name: m for m, _ in list_models(self.pool)}
+                self._models = current(list_models(self.pool))
                 self._at = time.monotonic()
             return dict(self._models)
 

@@ -72,10 +72,23 @@ class Router:
         return None if row is None else str(row["id"])
 
     def route(self, job_id: str) -> str:
-        """Route one job; returns what happened (``exact``, ``approximate``, ``miss``, ``skipped``)."""
-        job = self.store.claim_route(job_id)
+        """Route one job; returns what happened (``exact``, ``approximate``, ``miss``, ``skipped``).
+
+        Each call is one route attempt; an error is noted on the job and re-raised (Celery retries transient
+        ones, the reaper re-sends the rest) until ``max_route_attempts`` ends the job ``failed`` with it."""
+        job = self.store.claim_route(job_id, self.settings.max_route_attempts)
         if job is None:
             return "skipped"
+        try:
+            return self._route(job_id, job)
+        except Exception as e:
+            try:
+                self.store.note_route_error(job_id, f"{type(e).__name__}: {e}")
+            except Exception as note:  # the database itself may be what failed
+                log.warning("job %s: could not note the route error: %s", job_id, note)
+            raise
+
+    def _route(self, job_id: str, job: dict[str, Any]) -> str:
         req = cache_request(job, self.settings.cache_shared_pool)
         plan = CachePlan(tier="miss")
         if job["cache_mode"] != "off":
