@@ -6,6 +6,7 @@ bodies are ``{"error": {"type", "message", "field"?}}``; validation errors are 4
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -17,6 +18,8 @@ from fastapi.responses import JSONResponse
 
 from nirvana.config import Settings, get_settings
 from nirvana.service.errors import ServiceError
+
+log = logging.getLogger(__name__)
 
 # Longest a request waits for a database connection before answering 503 (e.g. while Postgres restarts).
 DB_WAIT_S = 5.0
@@ -45,6 +48,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         from nirvana.cache.core import ApproximateCache
         from nirvana.cache.store import LatentStore
         from nirvana.service.jobs import JobStore
+        from nirvana.service.keys import KeyMetrics, KeyVerifier
         from nirvana.service.metrics import JobsCollector
         from nirvana.service.service import JobService
         from workers.celery_app import CelerySender, make_celery
@@ -55,9 +59,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         store = JobStore.connect(settings.database_url, max_size=16, timeout=DB_WAIT_S)
         storage = LatentStore.from_settings(settings)
         app.state.service = JobService(settings, store, CelerySender(celery), storage)
+        # The API process verifies keys with the abuse settings (the service's default verifier has the defaults).
+        app.state.service.keys = KeyVerifier(
+            store.pool, ttl_s=settings.api_key_cache_s, negative_ttl_s=settings.api_key_negative_cache_s
+        )
         app.state.cache = ApproximateCache.from_settings(settings)
         registry = CollectorRegistry()
         registry.register(JobsCollector(store.pool))
+        registry.register(KeyMetrics(app.state.service.keys))
         app.state.registry = registry
 
         def check_broker() -> None:
@@ -98,6 +107,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return JSONResponse(
             {"error": {"type": "Unavailable", "message": msg}}, status_code=503, headers={"Retry-After": "1"}
         )
+
+    from nirvana.cache.store import BlobError, BlobUnavailable
+
+    @app.exception_handler(BlobError)
+    async def _blob_error(request: Request, exc: BlobError) -> JSONResponse:
+        # A stored object (a job's image) that is gone, corrupt or outside the store's root is 404; storage
+        # unreachable is 503. The URI and the cause are logged, never returned (they are internal).
+        log.warning("%s %s: blob unusable (%s: %s)", request.method, request.url.path, type(exc).__name__, exc)
+        if isinstance(exc, BlobUnavailable):
+            msg = "storage unavailable; retry later"
+            return JSONResponse(
+                {"error": {"type": "Unavailable", "message": msg}}, status_code=503, headers={"Retry-After": "1"}
+            )
+        msg = "image: the stored object is missing or unreadable"
+        return JSONResponse({"error": {"type": "NotFound", "message": msg, "field": "image"}}, status_code=404)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -14,6 +14,11 @@ Invariants:
     * A missing object raises :class:`BlobMissing`, a truncated/corrupt one :class:`BlobCorrupt` (callers
       treat both as a miss and drop the row); an I/O error raises :class:`BlobUnavailable` (a miss, row kept).
     * Local writes go to a temporary name and are renamed, so a reader never sees half an object.
+    * The store reads, tests and deletes only URIs under its own root: same scheme (one of its filesystem's
+      protocols), a path under the root, no ``.``/``..``/empty segments. A URI from a database row that is
+      anything else (another scheme, bucket, prefix or directory) raises :class:`BlobForeign` — a
+      :class:`BlobCorrupt`, so callers treat it as a miss and drop the row — and is logged; it is never opened
+      (a tampered row must not read or delete an arbitrary file or make the store fetch an arbitrary URL).
 """
 
 from __future__ import annotations
@@ -53,6 +58,11 @@ class BlobMissing(BlobError):
 
 class BlobCorrupt(BlobError):
     """The object exists but is truncated, corrupt or not what its row says."""
+
+
+class BlobForeign(BlobCorrupt):
+    """The URI lies outside this store's root (another scheme, bucket, prefix or a ``..`` escape): it is
+    refused without being opened. A ``BlobCorrupt``, so callers drop the row like any unusable object."""
 
 
 class BlobUnavailable(BlobError):
@@ -223,12 +233,29 @@ class LatentStore:
         return str(self.fs.unstrip_protocol(self._path(key)))
 
     def _fs_path(self, uri: str) -> tuple[Any, str]:
+        """This store's filesystem and the path of ``uri`` in it.
+
+        Raises:
+            BlobForeign: ``uri`` is not under this store's root (see the module invariants); logged.
+        """
         protos = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
-        scheme = uri.split("://", 1)[0] if "://" in uri else "file"
-        if scheme in protos:
-            return self.fs, self.fs._strip_protocol(uri)
-        fs, path = fsspec.core.url_to_fs(uri)
-        return fs, path
+        scheme = uri.split("://", 1)[0] if "://" in uri else ("file" if self._local else "")
+        if scheme not in protos:
+            raise self._foreign(uri, f"scheme {scheme or '(none)'!r} is not this store's ({'/'.join(protos)})")
+        path = str(self.fs._strip_protocol(uri))
+        prefix = f"{self.root}/" if self.root else ""
+        rest = path[len(prefix) :] if path.startswith(prefix) else None
+        if not rest:
+            raise self._foreign(uri, f"not under the store's root {self.root!r}")
+        if any(seg in ("", ".", "..") for seg in rest.split("/")):
+            raise self._foreign(uri, "empty, '.' or '..' path segment")
+        return self.fs, path
+
+    def _foreign(self, uri: str, why: str) -> BlobForeign:
+        # Why a log line: a row pointing outside the store means the database was tampered with or another
+        # deployment's rows were restored here; the caller only sees a miss.
+        log.warning("refusing blob URI outside %r: %.200r (%s)", self.url, uri, why)
+        return BlobForeign(f"URI outside the store ({why})")
 
     # ------------------------------------------------------------------ raw objects
     def put_bytes(self, key: str, data: bytes, codec: str = "raw") -> BlobRef:
@@ -247,7 +274,8 @@ class LatentStore:
         """Read an object and verify its checksum.
 
         Raises:
-            BlobMissing, BlobCorrupt, BlobUnavailable: see module docstring.
+            BlobMissing, BlobCorrupt, BlobUnavailable: see module docstring (``BlobForeign``, a ``BlobCorrupt``,
+                for a URI outside the store's root).
         """
         fs, path = self._fs_path(uri)
         try:
@@ -261,11 +289,14 @@ class LatentStore:
         return data
 
     def delete(self, uris: list[str]) -> int:
-        """Delete objects (missing ones are ignored); returns how many delete calls succeeded (S3 does not
-        tell a missing object from a deleted one)."""
+        """Delete objects (missing ones and URIs outside the store's root are skipped, the latter logged);
+        returns how many delete calls succeeded (S3 does not tell a missing object from a deleted one)."""
         n = 0
         for uri in uris:
-            fs, path = self._fs_path(uri)
+            try:
+                fs, path = self._fs_path(uri)
+            except BlobForeign:  # logged; never deleted
+                continue
             try:
                 fs.rm_file(path)
                 n += 1
@@ -276,7 +307,11 @@ class LatentStore:
         return n
 
     def exists(self, uri: str) -> bool:
-        fs, path = self._fs_path(uri)
+        """Whether the object exists; False for a URI outside the store (logged)."""
+        try:
+            fs, path = self._fs_path(uri)
+        except BlobForeign:
+            return False
         return bool(fs.exists(path))
 
     def iter_objects(self, min_age_s: float = 0.0) -> Iterator[str]:

@@ -5,14 +5,21 @@ Invariants:
     * A key is ``nv_`` + 32 url-safe random bytes (256 bits), so an unsalted fast hash is safe to store: there is
       nothing to brute-force.
     * A revoked key authenticates (its tenant is known) but is forbidden (HTTP 403); an unknown key is 401.
+    * A key that is not of the form ``nv_`` + 43 URL-safe characters is refused (401) without a database query;
+      an unknown key is remembered for a while (``negative_ttl_s``) and refused without one too; a lookup of a
+      key this process has never seen in the table first calls the caller's guard (the API's per-address
+      throttle), so random keys cannot make database queries without bound (docs/SECURITY.md).
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 import threading
 import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +28,11 @@ from psycopg.rows import tuple_row
 from nirvana.service.errors import FieldError, Forbidden, Unauthenticated
 
 KEY_PREFIX = "nv_"
+KEY_BYTES = 32  # secrets.token_urlsafe(32): 43 characters of [A-Za-z0-9_-]
+KEY_PATTERN = re.compile(r"nv_[A-Za-z0-9_-]{43}")
+# Unknown keys remembered at most (oldest forgotten first): a flood of random keys costs bounded memory and
+# never evicts the cache of real keys (kept apart: it only ever holds keys that exist in the table).
+NEGATIVE_CACHE_MAX = 20_000
 
 
 @dataclass(frozen=True)
@@ -97,46 +109,141 @@ def list_keys(pool: Any, tenant: str | None = None) -> list[dict[str, Any]]:
     ]
 
 
-class KeyVerifier:
-    """Verifies keys against Postgres with a short per-process cache (``ttl_s``; 0 disables it).
+def well_formed(key: str) -> bool:
+    """Whether ``key`` has the shape ``create_key`` makes (checked before any query: no database cost)."""
+    return KEY_PATTERN.fullmatch(key) is not None
 
-    A revocation takes effect within ``ttl_s`` seconds in every API process.
+
+class KeyVerifier:
+    """Verifies keys against Postgres with short per-process caches.
+
+    Args:
+        pool: the database pool (``api_keys``).
+        ttl_s: seconds a found key's row (tenant, role, revoked) is reused; 0 re-reads it on every request. A
+            revocation takes effect within ``ttl_s`` seconds in every API process.
+        negative_ttl_s: seconds an unknown key is answered 401 without a query (0: off).
+
+    Invariants:
+        * ``_found`` holds only digests of keys that exist in ``api_keys`` (so it is bounded by the real keys,
+          whatever callers send); a stale entry is re-read, without the guard: its holder is no stranger.
+        * ``_unknown`` holds at most ``NEGATIVE_CACHE_MAX`` digests; a flood only cycles that structure.
+        * Every database query is counted in ``lookups`` (by result) and every refusal in ``refusals`` (by
+          reason); ``KeyMetrics`` exports both on ``/metrics``.
     """
 
-    def __init__(self, pool: Any, ttl_s: float = 10.0) -> None:
+    def __init__(self, pool: Any, ttl_s: float = 10.0, negative_ttl_s: float = 60.0) -> None:
         self.pool = pool
         self.ttl_s = ttl_s
-        self._cache: dict[str, tuple[float, Principal | None, bool]] = {}
+        self.negative_ttl_s = negative_ttl_s
+        self._found: dict[str, tuple[float, Principal, bool]] = {}
+        self._unknown: OrderedDict[str, float] = OrderedDict()
         self._lock = threading.Lock()
+        self.lookups: Counter[str] = Counter()  # database queries: valid, revoked, unknown
+        self.refusals: Counter[str] = Counter()  # missing, malformed, unknown, revoked, throttled
 
-    def verify(self, key: str | None) -> Principal:
+    def _refuse(self, reason: str) -> None:
+        with self._lock:
+            self.refusals[reason] += 1
+
+    def verify(self, key: str | None, guard: Callable[[], None] | None = None) -> Principal:
         """The principal of ``key``.
 
+        Args:
+            key: the presented key (None or empty: none was sent).
+            guard: called before a query for a key this process has never found in the table (the API passes
+                its per-address throttle, which raises ``RateLimited``); not called for malformed keys,
+                remembered unknown keys or known keys.
+
         Raises:
-            Unauthenticated: no key, or an unknown one.
+            Unauthenticated: no key, a malformed one, or an unknown one.
             Forbidden: the key was revoked.
+            Exception: whatever ``guard`` raises (then no query is made).
         """
         if not key:
+            self._refuse("missing")
             raise Unauthenticated("missing API key (Authorization: Bearer <key> or X-API-Key)")
+        if not well_formed(key):
+            self._refuse("malformed")
+            raise Unauthenticated("invalid API key (expected 'nv_' and 43 URL-safe characters)")
         digest = hash_key(key)
         now = time.monotonic()
         with self._lock:
-            hit = self._cache.get(digest)
-        if hit is None or now - hit[0] > self.ttl_s:
-            with self.pool.connection() as conn, conn.cursor(row_factory=tuple_row) as cur:
-                row = cur.execute(
-                    "SELECT id, tenant, role, revoked_at FROM api_keys WHERE key_hash = %s", (digest,)
-                ).fetchone()
-            principal = None if row is None else Principal(str(row[1]), str(row[2]), int(row[0]))
-            revoked = row is not None and row[3] is not None
-            hit = (now, principal, revoked)
-            with self._lock:
-                if len(self._cache) > 10_000:
-                    self._cache.clear()
-                self._cache[digest] = hit
-        _, principal, revoked = hit
-        if principal is None:
+            found = self._found.get(digest)
+            seen_unknown = self._unknown.get(digest)
+            if seen_unknown is not None and now - seen_unknown > self.negative_ttl_s:
+                del self._unknown[digest]
+                seen_unknown = None
+        if found is None and seen_unknown is not None:
+            self._refuse("unknown")
             raise Unauthenticated("invalid API key")
+        if found is None or now - found[0] > self.ttl_s:
+            if found is None and guard is not None:
+                try:
+                    guard()
+                except Exception:
+                    self._refuse("throttled")
+                    raise
+            found = self._lookup(digest, now)
+        if found is None:
+            self._refuse("unknown")
+            raise Unauthenticated("invalid API key")
+        _, principal, revoked = found
         if revoked:
+            self._refuse("revoked")
             raise Forbidden("API key revoked")
         return principal
+
+    def _lookup(self, digest: str, now: float) -> tuple[float, Principal, bool] | None:
+        """Read the key's row (one query) and update the caches."""
+        with self.pool.connection() as conn, conn.cursor(row_factory=tuple_row) as cur:
+            row = cur.execute(
+                "SELECT id, tenant, role, revoked_at FROM api_keys WHERE key_hash = %s", (digest,)
+            ).fetchone()
+        with self._lock:
+            if row is None:
+                self.lookups["unknown"] += 1
+                self._found.pop(digest, None)  # deleted from the table since it was found
+                if self.negative_ttl_s > 0:
+                    self._unknown[digest] = now
+                    self._unknown.move_to_end(digest)
+                    while len(self._unknown) > NEGATIVE_CACHE_MAX:
+                        self._unknown.popitem(last=False)
+                return None
+            revoked = row[3] is not None
+            self.lookups["revoked" if revoked else "valid"] += 1
+            found = (now, Principal(str(row[1]), str(row[2]), int(row[0])), revoked)
+            self._found[digest] = found
+            return found
+
+
+class KeyMetrics:
+    """Prometheus collector of a ``KeyVerifier``'s counters (this process's):
+
+    * ``nirvana_api_key_lookups_total{result}``: database queries for API keys (valid, revoked, unknown);
+    * ``nirvana_api_key_refusals_total{reason}``: requests refused by authentication (missing, malformed,
+      unknown, revoked, throttled).
+    """
+
+    def __init__(self, verifier: KeyVerifier) -> None:
+        self.verifier = verifier
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily
+
+        v = self.verifier
+        with v._lock:
+            lookups, refusals = dict(v.lookups), dict(v.refusals)
+        fam = CounterMetricFamily(
+            "nirvana_api_key_lookups", "Database queries for API keys, by result (this process)", labels=["result"]
+        )
+        for result in ("valid", "revoked", "unknown"):
+            fam.add_metric([result], lookups.get(result, 0))
+        yield fam
+        fam = CounterMetricFamily(
+            "nirvana_api_key_refusals",
+            "Requests refused by API-key authentication, by reason (this process)",
+            labels=["reason"],
+        )
+        for reason in ("missing", "malformed", "unknown", "revoked", "throttled"):
+            fam.add_metric([reason], refusals.get(reason, 0))
+        yield fam

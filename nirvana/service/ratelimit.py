@@ -5,6 +5,10 @@ Two buckets per key (settings ``rate_limit_*``): *requests* (every authenticated
 ``rate`` tokens per second; a request that finds too few tokens is refused with HTTP 429 and ``Retry-After``
 (the seconds until enough tokens have refilled).
 
+A third bucket is per *client address*, not per key (``rate_limit_auth_failures_*``): every database lookup of
+an API key that this process has never found in the table costs one token, taken *before* the query (see
+``KeyVerifier.verify``), so a flood of random keys makes a bounded number of queries and then gets 429s.
+
 Invariants:
     * The check-and-take is one Lua script run atomically by Redis against Redis's own clock, so concurrent
       API processes neither race nor disagree about time.
@@ -12,10 +16,16 @@ Invariants:
     * If Redis cannot be reached the limiter fails open (logs, allows): the limits protect capacity and slow
       cache-probing attacks, they are not what keeps tenants apart.
     * A cost larger than the burst can never be paid: it is a 422 naming the limit, not a 429 to retry.
+    * The address bucket is checked in this process first (bounded memory, ``AUTH_LOCAL_MAX_ADDRESSES``) and
+      then in Redis; it does *not* fail open: with Redis down the in-process bucket still bounds the queries.
+      Addresses are ``request.client.host`` (behind a proxy, run uvicorn with ``--forwarded-allow-ips`` so it
+      is the real client); IPv6 addresses count per /64, the block one host usually holds.
 """
 
 from __future__ import annotations
 
+import hashlib
+import ipaddress
 import logging
 import math
 import threading
@@ -56,6 +66,11 @@ redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(now))
 redis.call('PEXPIRE', KEYS[1], math.ceil(burst / rate * 1000) + 1000)
 return {allowed, tostring(retry), tostring(tokens)}
 """
+
+
+# Client addresses whose auth buckets one process keeps (oldest dropped first): bounds memory under a flood from
+# many addresses; a dropped address only gets a fresh (full) bucket.
+AUTH_LOCAL_MAX_ADDRESSES = 100_000
 
 
 class RateLimited(ServiceError):
@@ -114,21 +129,28 @@ class RedisBuckets:
 
 
 class LocalBuckets:
-    """Token buckets in this process only (when no Redis URL is configured, e.g. a single-process test)."""
+    """Token buckets in this process only (when no Redis URL is configured, e.g. a single-process test).
 
-    def __init__(self) -> None:
+    Args:
+        max_keys: buckets kept at most (the least recently used is dropped first); None: unbounded.
+    """
+
+    def __init__(self, max_keys: int | None = None) -> None:
         self._state: dict[str, tuple[float, float]] = {}
         self._lock = threading.Lock()
+        self.max_keys = max_keys
 
     def take(self, key: str, rate: float, burst: int, cost: int) -> Decision:
         now = time.monotonic()
         with self._lock:
-            tokens, ts = self._state.get(key, (float(burst), now))
+            tokens, ts = self._state.pop(key, (float(burst), now))  # pop + set: most recently used last
             tokens = min(float(burst), tokens + max(0.0, now - ts) * rate)
-            if tokens >= cost:
-                self._state[key] = (tokens - cost, now)
+            allowed = tokens >= cost
+            self._state[key] = (tokens - cost if allowed else tokens, now)
+            if self.max_keys is not None and len(self._state) > self.max_keys:
+                del self._state[next(iter(self._state))]
+            if allowed:
                 return Decision(True, 0.0, tokens - cost)
-            self._state[key] = (tokens, now)
             return Decision(False, (cost - tokens) / rate, tokens)
 
     def close(self) -> None:
@@ -142,12 +164,19 @@ class RateLimiter:
         requests: the per-request bucket.
         jobs: the per-job bucket.
         backend: where buckets live (``RedisBuckets`` shared by all API processes, or ``LocalBuckets``).
+        auth: the per-client-address bucket of unknown-key lookups (None: off).
     """
 
-    def __init__(self, requests: Bucket, jobs: Bucket, backend: BucketBackend) -> None:
+    def __init__(self, requests: Bucket, jobs: Bucket, backend: BucketBackend, auth: Bucket | None = None) -> None:
         self.requests = requests
         self.jobs = jobs
         self.backend = backend
+        self.auth = auth
+        # The address bucket never fails open, so it always has an in-process copy (the backend itself when
+        # that is already in-process).
+        self._auth_local = (
+            backend if isinstance(backend, LocalBuckets) else LocalBuckets(max_keys=AUTH_LOCAL_MAX_ADDRESSES)
+        )
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RateLimiter:
@@ -163,6 +192,12 @@ class RateLimiter:
             Bucket("req", settings.rate_limit_requests_per_s, settings.rate_limit_requests_burst, "requests"),
             Bucket("jobs", settings.rate_limit_jobs_per_s, settings.rate_limit_jobs_burst, "jobs"),
             backend,
+            Bucket(
+                "authfail",
+                settings.rate_limit_auth_failures_per_s,
+                settings.rate_limit_auth_failures_burst,
+                "lookups of unknown API keys",
+            ),
         )
 
     def _take(self, bucket: Bucket, key_id: int, cost: int, field: str) -> None:
@@ -192,10 +227,52 @@ class RateLimiter:
         request that exceeds the burst)."""
         self._take(self.jobs, key_id, n, "jobs")
 
+    def auth_lookup(self, client: str) -> None:
+        """Charge one unknown-key lookup to client address ``client`` (see ``client_id``) before the query.
+
+        Raises:
+            RateLimited: the address is over ``rate_limit_auth_failures_*`` here or, shared, in Redis.
+        """
+        b = self.auth
+        if b is None or not b.enabled:
+            return
+        key = f"nirvana:rl:{b.name}:{client}"
+        d = self._auth_local.take(key, b.rate, b.burst, 1)
+        if d.allowed and self.backend is not self._auth_local:
+            try:
+                d = self.backend.take(key, b.rate, b.burst, 1)
+            except Exception as e:  # the in-process bucket above still bounds this process's queries
+                log.warning("rate limiter unavailable (%s: %s); auth throttle is per process", type(e).__name__, e)
+        if not d.allowed:
+            raise RateLimited(
+                f"rate limit: at most {b.rate:g} {b.what}/s per client address (burst {b.burst}; "
+                f"NIRVANA_RATE_LIMIT_AUTH_FAILURES_PER_S/_BURST); retry in {d.retry_after_s:.1f}s",
+                retry_after_s=d.retry_after_s,
+                field="auth_failures",
+            )
+
     def close(self) -> None:
         close = getattr(self.backend, "close", None)
         if close is not None:
             close()
+
+
+def client_id(host: str | None) -> str:
+    """The auth-bucket id of a client address: an IPv4 address as is, an IPv6 one as its /64 (one host
+    usually holds a whole /64, so counting single addresses would not bound it), anything else (a unix
+    socket, a test client's name) as a short digest, so the bucket key is never arbitrary text."""
+    if not host:
+        return "none"
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return "h-" + hashlib.blake2b(host.encode(), digest_size=8).hexdigest()
+    if ip.version == 6:
+        mapped = getattr(ip, "ipv4_mapped", None)
+        if mapped is not None:
+            return str(mapped)
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
 
 
 def retry_after_header(seconds: float) -> str:
@@ -203,4 +280,12 @@ def retry_after_header(seconds: float) -> str:
     return str(max(1, math.ceil(seconds)))
 
 
-__all__: list[Any] = ["Bucket", "LocalBuckets", "RateLimited", "RateLimiter", "RedisBuckets", "retry_after_header"]
+__all__: list[Any] = [
+    "Bucket",
+    "LocalBuckets",
+    "RateLimited",
+    "RateLimiter",
+    "RedisBuckets",
+    "client_id",
+    "retry_after_header",
+]

@@ -289,21 +289,32 @@ class Stack:
                 raise RuntimeError(f"{p.name} exited (code {p.proc.returncode if p.proc else '?'}):\n{p.tail()}")
 
     def wait_ready(self, timeout_s: float) -> None:
-        """Until ``/readyz`` is 200, a model is registered and a router and a render worker are consuming."""
+        """Until ``/readyz`` is 200, a model is registered and a router and a render worker are consuming.
+
+        Models and workers are read from the database (``/readyz`` shows them to admin keys only)."""
+        import psycopg
+
+        from nirvana.service.jobs import make_pool
+        from nirvana.service.liveness import live_workers
+        from nirvana.service.models import current, list_models
+
         deadline = time.monotonic() + timeout_s
         last = ""
-        while time.monotonic() < deadline:
-            self._check_children()
-            try:
-                r = httpx.get(f"{self.api_url}/readyz", timeout=5)
-                body = r.json()
-                live = body["checks"].get("workers") or {}
-                if r.status_code == 200 and body["checks"].get("models") and live.get("router") and live.get("render"):
-                    return
-                last = json.dumps(body)
-            except (httpx.HTTPError, ValueError) as e:
-                last = f"{type(e).__name__}: {e}"
-            time.sleep(0.3)
+        pool = make_pool(self.database_url, max_size=1, name="nirvana-up-ready", timeout=5)
+        try:
+            while time.monotonic() < deadline:
+                self._check_children()
+                try:
+                    r = httpx.get(f"{self.api_url}/readyz", timeout=5)
+                    models, live = sorted(current(list_models(pool))), live_workers(pool)
+                    if r.status_code == 200 and models and live.get("router") and live.get("render"):
+                        return
+                    last = json.dumps({"readyz": r.json(), "models": models, "workers": live})
+                except (httpx.HTTPError, ValueError, psycopg.Error) as e:
+                    last = f"{type(e).__name__}: {e}"
+                time.sleep(0.3)
+        finally:
+            pool.close()
         tails = "\n".join(f"--- {p.name}\n{p.tail(15)}" for p in self.procs)
         raise RuntimeError(f"stack not ready after {timeout_s:.0f}s (last: {last})\n{tails}")
 

@@ -1,4 +1,5 @@
-"""Latent store: codec round trips, checksums, missing/truncated/corrupt objects, file/memory/S3 backends."""
+"""Latent store: codec round trips, checksums, missing/truncated/corrupt objects, file/memory/S3 backends, and
+URIs outside the store's root refused (a miss, never a read or delete of another object)."""
 
 from __future__ import annotations
 
@@ -6,13 +7,16 @@ import uuid
 from pathlib import Path
 
 import numpy as np
+import psycopg
 import pytest
 
 from nirvana.cache.store import (
     CODECS,
     BlobCorrupt,
+    BlobForeign,
     BlobMissing,
     LatentStore,
+    checksum,
     decode_latent,
     encode_latent,
 )
@@ -129,3 +133,113 @@ def test_keys_never_contain_user_text() -> None:
     assert LatentStore.state_key("m", "t", "j", 5) != LatentStore.state_key("m", "t2", "j", 5)
     with pytest.raises(ValueError, match="key"):
         LatentStore("memory://x")._path("../escape")
+
+
+def _assert_refused(store: LatentStore, uri: str, caplog: pytest.LogCaptureFixture) -> None:
+    """``uri`` is refused without being opened: read → BlobForeign (a BlobCorrupt: callers drop the row, a
+    miss), exists → False, delete → skipped; each logged."""
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="nirvana.cache.store"):
+        with pytest.raises(BlobForeign) as e:
+            store.get_bytes(uri)
+        assert isinstance(e.value, BlobCorrupt) and (not uri or uri not in str(e.value))  # never echoes the URI
+        with pytest.raises(BlobCorrupt):
+            store.get_latent(uri, "0" * 32)
+        assert store.exists(uri) is False
+        assert store.delete([uri]) == 0
+    assert sum("refusing blob URI outside" in r.getMessage() for r in caplog.records) == 4, uri
+
+
+def test_file_store_refuses_uris_outside_its_root(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    store = LatentStore(f"file://{tmp_path}/blobs")
+    secret = tmp_path / "secret.nvl"
+    secret.write_bytes(encode_latent(latent(5), "fp32"))  # a perfectly valid object, just not the store's
+    (tmp_path / "blobs-evil").mkdir()
+    (tmp_path / "blobs-evil" / "x").write_bytes(b"evil")
+    ok = store.put_bytes("states/ab/x.nvl", b"mine")
+    assert store.get_bytes(ok.uri, ok.checksum) == b"mine"
+    for uri in (
+        f"file://{secret}",
+        str(secret),  # no scheme: a local path
+        f"file://{tmp_path}/blobs/../secret.nvl",
+        f"file://{tmp_path}/blobs/states/../../secret.nvl",
+        f"file://{tmp_path}/blobs-evil/x",  # shares the root's name as a prefix
+        f"file://{tmp_path}/blobs",  # the root itself
+        f"file://{tmp_path}/blobs/",
+        f"file://{tmp_path}/blobs/states//x.nvl",
+        f"file://{tmp_path}/blobs/./states/ab/x.nvl",
+        "file:///etc/passwd",
+        "memory://nirvana/states/x.nvl",
+        "http://127.0.0.1:1/states/x.nvl",
+        "s3://bucket/states/x.nvl",
+        "",
+    ):
+        _assert_refused(store, uri, caplog)
+    assert secret.exists() and (tmp_path / "blobs-evil" / "x").exists()  # nothing outside was deleted
+    assert store.get_bytes(ok.uri, ok.checksum) == b"mine"
+
+
+def test_memory_store_refuses_uris_outside_its_root(caplog: pytest.LogCaptureFixture) -> None:
+    name = f"nirvana-test-{uuid.uuid4().hex[:8]}"
+    store, other = LatentStore(f"memory://{name}"), LatentStore(f"memory://{name}-other")
+    theirs = other.put_bytes("states/ab/x.nvl", b"theirs")
+    for uri in (
+        theirs.uri,
+        f"memory://{name}/../{name}-other/states/ab/x.nvl",
+        f"memory://{name}",
+        f"file:///{name}/states/ab/x.nvl",
+    ):
+        _assert_refused(store, uri, caplog)
+    assert other.get_bytes(theirs.uri, theirs.checksum) == b"theirs"
+
+
+def test_s3_store_refuses_other_buckets_and_prefixes(s3_endpoint: str, caplog: pytest.LogCaptureFixture) -> None:
+    import s3fs
+
+    opts = {"client_kwargs": {"endpoint_url": s3_endpoint}}
+    fs = s3fs.S3FileSystem(**opts)
+    bucket, other = f"nirvana-{uuid.uuid4().hex[:8]}", f"nirvana-{uuid.uuid4().hex[:8]}"
+    fs.mkdir(bucket)
+    fs.mkdir(other)
+    store = LatentStore(f"s3://{bucket}/cache", storage_options=opts)
+    fs.pipe_file(f"{other}/cache/states/x.nvl", b"other bucket")
+    fs.pipe_file(f"{bucket}/elsewhere/x.nvl", b"other prefix")
+    mine = store.put_bytes("states/ab/x.nvl", b"mine")
+    assert store.get_bytes(mine.uri, mine.checksum) == b"mine"
+    for uri in (
+        f"s3://{other}/cache/states/x.nvl",
+        f"s3://{bucket}/elsewhere/x.nvl",
+        f"s3://{bucket}/cache/../elsewhere/x.nvl",
+        f"s3://{bucket}/cache-evil/x.nvl",
+        f"file:///{bucket}/cache/states/ab/x.nvl",
+    ):
+        _assert_refused(store, uri, caplog)
+    assert fs.cat_file(f"{other}/cache/states/x.nvl") == b"other bucket"
+    assert fs.cat_file(f"{bucket}/elsewhere/x.nvl") == b"other prefix"
+
+
+def test_a_row_pointing_outside_the_store_is_a_miss(pg_url: str, tmp_path: Path) -> None:
+    """A tampered row (its URI and checksum pointing at a valid object outside the root) is a cache miss: the
+    row is dropped, the outside object neither read nor deleted."""
+    from nirvana.cache.core import Namespace
+    from tests.cache.helpers import make_cache, request, states, unit
+
+    ns = Namespace("model-a-32x32-ddim", f"tenant-{uuid.uuid4().hex[:8]}")
+    outside = tmp_path / "outside.nvl"
+    data = encode_latent(np.zeros((3, 8, 8), np.float32), "fp16-zstd")
+    outside.write_bytes(data)
+    with make_cache(pg_url, LatentStore(str(tmp_path / "blobs")), eviction="paper", budget_bytes=10**12) as cache:
+        emb = unit(np.random.default_rng(9))
+        req = request(emb, ns)
+        cache.record(f"job-{uuid.uuid4().hex}", req, states(ns.model_key, [5, 10]), b"\x89PNG-x", cache.lookup(req))
+        hit = cache.lookup(request(emb, ns, seed=3))
+        row = cache.index.state_row(hit.state_id or -1)
+        assert hit.tier == "approximate" and row is not None and row.uri is not None
+        with psycopg.connect(pg_url, autocommit=True) as c:
+            c.execute(
+                "UPDATE cache_blobs SET uri = %s, checksum = %s WHERE id = %s",
+                (f"file://{outside}", checksum(data), row.blob_id),
+            )
+        assert cache.load_state(hit) is None
+        assert cache.index.state_row(hit.state_id or -1) is None  # dropped like a corrupt object
+        assert outside.read_bytes() == data

@@ -108,7 +108,7 @@ def test_broker_and_database_restarts_under_steady_load(fault_stack: Any) -> Non
             status, msg, retry = _probe(http, method, path, **kw)
             assert status == 503 and "database" in msg and retry is not None, (method, path, status, msg)
         ready = http.get("/readyz")
-        assert ready.status_code == 503 and ready.json()["checks"]["database"].startswith("error")
+        assert ready.status_code == 503 and ready.json()["status"] == "not_ready"  # details need an admin key
         time.sleep(3)
         fs.stack.start_postgres()
         t_pg_back = time.monotonic()

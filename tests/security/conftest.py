@@ -71,7 +71,8 @@ def register_model(database_url: str) -> None:
 def make_settings(
     new_database: Callable[..., str], redis_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Callable[..., Settings]:
-    """``make_settings(**overrides)`` → settings on this module's database (rate limits off unless overridden).
+    """``make_settings(**overrides)`` → settings on this module's database (rate limits, the failed-auth throttle
+    included, off unless overridden).
 
     Every call shares the module's database, so apps built from it are several API processes of one deployment.
     """
@@ -91,6 +92,7 @@ def make_settings(
             "openai_wait_s": 0.05,
             "rate_limit_requests_per_s": 0,
             "rate_limit_jobs_per_s": 0,
+            "rate_limit_auth_failures_per_s": 0,
             "served_model_name": MODEL,
         }
         base.update(overrides)

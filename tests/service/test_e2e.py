@@ -58,8 +58,9 @@ def test_cache_off_renders_fully(client: Client) -> None:
 def test_auth(stack: Any, make_key: Any) -> None:
     url = stack.api_url
     assert httpx.get(f"{url}/healthz").status_code == 200
-    ready = httpx.get(f"{url}/readyz")
-    assert ready.status_code == 200
+    ready = httpx.get(f"{url}/readyz")  # no key: ready or not, nothing more
+    assert ready.status_code == 200 and ready.json() == {"status": "ready", "role": "api"}
+    ready = httpx.get(f"{url}/readyz", headers={"Authorization": f"Bearer {make_key('ops', role='admin')}"})
     assert ready.json()["checks"]["workers"]["router"] >= 1 and ready.json()["checks"]["workers"]["render"] >= 1
     r = httpx.post(f"{url}/v1/jobs", json={"prompt": "x"})
     assert r.status_code == 401
