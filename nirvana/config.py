@@ -67,6 +67,13 @@ class Settings(BaseSettings):
         3600.0, gt=0, description="`ours`: half-life of a state's decayed use count (seconds)"
     )  # = nirvana.cache.eviction.DEFAULT_HALF_LIFE_S
     cache_shared_pool: bool = False
+    # Per-tenant byte budgets and exact search of small namespaces (docs/CACHE.md).
+    cache_tenant_budget_bytes: int = Field(
+        0, ge=0, description="bytes each cache tenant may keep; its eviction touches only its own entries (0: none)"
+    )
+    cache_exact_scan_max_rows: int = Field(
+        5000, ge=0, description="namespaces of at most this many prompts are searched exactly, not by HNSW (0: never)"
+    )  # = nirvana.cache.index.DEFAULT_EXACT_SCAN_MAX_ROWS
 
     # Workers
     visibility_timeout_s: int = Field(3600, ge=60)

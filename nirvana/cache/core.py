@@ -41,7 +41,15 @@ from nirvana.cache.eviction import (
     make_policy,
 )
 from nirvana.cache.gate import DEFAULT_GATE_ENFORCE, GateModel, NoveltyGate
-from nirvana.cache.index import CacheIndex, NewImage, NewPrompt, NewState, Space, configure_connection
+from nirvana.cache.index import (
+    DEFAULT_EXACT_SCAN_MAX_ROWS,
+    CacheIndex,
+    NewImage,
+    NewPrompt,
+    NewState,
+    Space,
+    configure_connection,
+)
 from nirvana.cache.policy import KPolicy
 from nirvana.cache.store import BlobCorrupt, BlobMissing, BlobUnavailable, LatentStore
 from nirvana.engine.state import CapturedState
@@ -150,7 +158,10 @@ class ApproximateCache:
         policy: similarity → K table.
         eviction: policy name (``ours``, ``paper``, ``lru``, ``lfu``, ``fifo``) or instance.
         gate: novelty gate, or None to always look up.
-        budget_bytes: stored bytes (states + images) that ``evict_to_budget`` enforces.
+        budget_bytes: stored bytes (states + images) that ``evict_to_budget`` enforces over all tenants.
+        tenant_budget_bytes: stored bytes each tenant (``Namespace.tenant``, every model_key of it, the shared
+            pool's ``__shared__`` included) may keep; ``evict_to_budget`` first brings each tenant over it back
+            under it by evicting only that tenant's entries, then enforces ``budget_bytes``. 0: none.
         min_states_per_prompt: floor per prompt for ``ours`` (ignored by the others, and when ``eviction`` is
             an instance).
         image_budget_fraction: share of ``budget_bytes`` the exact tier's images may keep when eviction runs
@@ -167,6 +178,8 @@ class ApproximateCache:
         candidates: nearest prompts examined per lookup (a neighbour whose states were all evicted is
         skipped).
         max_scan_tuples: bound on pgvector's iterative scan under the namespace filter.
+        exact_scan_max_rows: namespaces of at most this many prompts are searched exactly instead of through
+            the filtered HNSW scan (0: always HNSW); see ``CacheIndex``.
         clock: seconds; eviction scores use it (a trace replay passes the trace's clock).
         max_prompt_chars: longest accepted prompt.
     """
@@ -193,6 +206,8 @@ class ApproximateCache:
         half_life_s: float = DEFAULT_HALF_LIFE_S,
         pool_size: int = 4,
         image_budget_fraction: float | None = DEFAULT_IMAGE_BUDGET_FRACTION,
+        tenant_budget_bytes: int = 0,
+        exact_scan_max_rows: int = DEFAULT_EXACT_SCAN_MAX_ROWS,
     ) -> None:
         from nirvana.cache.store import CODECS
 
@@ -200,6 +215,8 @@ class ApproximateCache:
             raise ValueError(f"codec must be one of {list(CODECS)}, got {codec!r}")
         if budget_bytes < 0:
             raise ValueError(f"budget_bytes must be >= 0, got {budget_bytes}")
+        if tenant_budget_bytes < 0:
+            raise ValueError(f"tenant_budget_bytes must be >= 0, got {tenant_budget_bytes}")
         if not 1 <= ef_search <= 1000:
             raise ValueError(f"ef_search must be in 1..1000, got {ef_search}")
         if not 1 <= candidates <= 100:
@@ -221,7 +238,7 @@ class ApproximateCache:
             )
         else:
             self.pool = conninfo_or_pool
-        self.index = CacheIndex(self.pool)
+        self.index = CacheIndex(self.pool, exact_scan_max_rows=exact_scan_max_rows)
         self.store = store
         self.embedder = embedder
         self.policy = policy
@@ -237,6 +254,7 @@ class ApproximateCache:
         )
         self.gate = gate
         self.budget_bytes = budget_bytes
+        self.tenant_budget_bytes = tenant_budget_bytes
         self.codec = codec
         self.ef_search = ef_search
         self.exact_tier = exact_tier
@@ -260,6 +278,8 @@ class ApproximateCache:
             "gate": NoveltyGate() if settings.cache_novelty_gate else None,
             "gate_enforce": settings.cache_gate_enforce,
             "budget_bytes": settings.cache_budget_bytes,
+            "tenant_budget_bytes": settings.cache_tenant_budget_bytes,
+            "exact_scan_max_rows": settings.cache_exact_scan_max_rows,
             "min_states_per_prompt": settings.cache_min_states_per_prompt,
             "image_budget_fraction": settings.cache_image_budget_fraction,
             "half_life_s": settings.cache_half_life_s,
@@ -603,9 +623,12 @@ class ApproximateCache:
 
     # ------------------------------------------------------------------ maintenance
     def evict_to_budget(self) -> dict[str, Any]:
-        """Evict (policy order) until stored bytes ≤ budget; rows first, then objects. Returns
-        counts/bytes."""
-        res = self.index.evict_to_budget(self.eviction, self.budget_bytes, self.clock())
+        """Evict (policy order) until every tenant stores ≤ ``tenant_budget_bytes`` (if set) — each tenant over
+        it losing only its own entries — and all together ≤ ``budget_bytes``; rows first, then objects.
+        Returns counts/bytes (``tenants``: bytes freed per tenant that was over its budget)."""
+        res = self.index.evict_to_budget(
+            self.eviction, self.budget_bytes, self.clock(), tenant_budget_bytes=self.tenant_budget_bytes
+        )
         uris = res.pop("uris")
         res["objects_deleted"] = self.store.delete(uris)
         res["policy"] = self.eviction.name
@@ -652,5 +675,10 @@ class ApproximateCache:
     def stats(self, tenant: str | None = None) -> dict[str, Any]:
         """Counts and bytes (optionally of one tenant), with the budget and policy in force."""
         s = self.index.stats(tenant)
-        s.update(budget_bytes=self.budget_bytes, policy=self.eviction.name, codec=self.codec)
+        s.update(
+            budget_bytes=self.budget_bytes,
+            tenant_budget_bytes=self.tenant_budget_bytes,
+            policy=self.eviction.name,
+            codec=self.codec,
+        )
         return s

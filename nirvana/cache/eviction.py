@@ -32,13 +32,19 @@ images hold at most ``image_budget_fraction`` × the budget (``evict_images``; p
 prompt and its states stay; its exact lookups become misses (or approximate hits). The other policies keep
 images with their prompts (``image_budget_fraction`` is None): the benchmark's ``exact`` configuration (FIFO,
 images only) must be able to fill the budget with images.
+
+Per-tenant budgets (``tenant_budget_bytes`` > 0): before the global budget, every tenant (the namespace's tenant,
+``__shared__`` included) storing more than ``tenant_budget_bytes`` is brought back under it by evicting only its own
+entries, in the policy's order restricted to that tenant (images beyond the cap of the tenant budget first, as
+above). ``tenant_overflows`` says which tenants and how much; ``evict_tenants`` is the in-memory twin of that stage.
+A tenant's burst then evicts its own entries, not everyone's; the global budget still bounds the sum.
 """
 
 from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -71,6 +77,7 @@ class StateMeta:
     dhits_ts: float = 0.0
     created_ts: float = 0.0
     last_used_ts: float = 0.0
+    tenant: str = ""  # the namespace's tenant (per-tenant budgets); one tenant when left ""
 
 
 @dataclass
@@ -80,6 +87,25 @@ class ImageMeta:
     prompt_id: int
     bytes: int = 0
     used_ts: float = 0.0
+    tenant: str = ""
+
+
+def tenant_overflows(bytes_by_tenant: Mapping[str, int], tenant_budget_bytes: int) -> dict[str, int]:
+    """Bytes each tenant stores beyond ``tenant_budget_bytes``, for the tenants over it only.
+
+    Ordered by overflow, largest first (ties by tenant name), which is the order the per-tenant stage visits
+    them (the order does not change the outcome: each tenant evicts only its own entries). A tenant at exactly
+    its budget is not over it; ``tenant_budget_bytes`` 0 means no per-tenant budget (always ``{}``).
+
+    Raises:
+        ValueError: ``tenant_budget_bytes`` < 0.
+    """
+    if tenant_budget_bytes < 0:
+        raise ValueError(f"tenant_budget_bytes must be >= 0, got {tenant_budget_bytes}")
+    if tenant_budget_bytes == 0:
+        return {}
+    over = [(t, int(b) - tenant_budget_bytes) for t, b in bytes_by_tenant.items() if b > tenant_budget_bytes]
+    return dict(sorted(over, key=lambda x: (-x[1], x[0])))
 
 
 class EvictionPolicy:
@@ -261,6 +287,39 @@ class EvictionPolicy:
             if freed >= bytes_to_free:
                 break
         return out
+
+    def evict_tenants(
+        self,
+        metas: Iterable[StateMeta],
+        images: Iterable[ImageMeta],
+        tenant_budget_bytes: int,
+        now: float,
+    ) -> tuple[list[int], list[int]]:
+        """The per-tenant stage of eviction, in memory: (prompt ids whose images go, state ids that go).
+
+        For every tenant whose states and images hold more than ``tenant_budget_bytes`` (``tenant_overflows``),
+        its images beyond ``image_cap(tenant_budget_bytes)`` go first (:meth:`evict_images` over that tenant's
+        images), then, if it is still over, its states in policy order (:meth:`evict_candidates` over that
+        tenant's states). Invariants: only tenants over their budget lose anything, and each only its own
+        entries; ``tenant_budget_bytes`` 0 evicts nothing. The global budget is a separate, later stage.
+        """
+        by_tenant: dict[str, list[StateMeta]] = defaultdict(list)
+        imgs_by_tenant: dict[str, list[ImageMeta]] = defaultdict(list)
+        for m in metas:
+            by_tenant[m.tenant].append(m)
+        for i in images:
+            imgs_by_tenant[i.tenant].append(i)
+        stored = {t: sum(m.bytes for m in by_tenant[t]) + sum(i.bytes for i in imgs_by_tenant[t])
+                  for t in set(by_tenant) | set(imgs_by_tenant)}  # fmt: skip
+        out_images: list[int] = []
+        out_states: list[int] = []
+        for tenant, overflow in tenant_overflows(stored, tenant_budget_bytes).items():
+            dropped = self.evict_images(imgs_by_tenant[tenant], tenant_budget_bytes)
+            gone = set(dropped)
+            overflow -= sum(i.bytes for i in imgs_by_tenant[tenant] if i.prompt_id in gone)
+            out_images += dropped
+            out_states += self.evict_candidates(by_tenant[tenant], overflow, now)
+        return out_images, out_states
 
 
 class PaperLCBFU(EvictionPolicy):

@@ -27,7 +27,7 @@ import psycopg
 from psycopg import errors as pg_errors
 from psycopg.rows import dict_row
 
-from nirvana.cache.eviction import EvictionPolicy
+from nirvana.cache.eviction import EvictionPolicy, tenant_overflows
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,11 @@ _INSERT_BLOB = (
 
 EVICT_LOCK_KEY = 0x6E766576  # "nvev"
 T = TypeVar("T")
+# Namespaces of at most this many prompts are searched exactly (NIRVANA_CACHE_EXACT_SCAN_MAX_ROWS): the filtered
+# HNSW scan walks the whole table's graph and keeps only the namespace's rows, so a namespace holding a small
+# share of a large table loses recall (100k rows, 1 % namespace: recall@1 0.91 at ef 100), while reading a few
+# thousand rows costs a few ms. Measured: docs/CACHE.md, "Small namespaces".
+DEFAULT_EXACT_SCAN_MAX_ROWS = 5000
 
 
 def configure_connection(conn: psycopg.Connection[Any]) -> None:
@@ -86,12 +91,17 @@ def _prefix_within(source: str, ids: str, out: str, freed: str, keys: list[str],
     )
 
 
-def eviction_queries(policy: EvictionPolicy) -> dict[str, str]:
+def eviction_queries(policy: EvictionPolicy, by_tenant: bool = False) -> dict[str, str]:
     """The three eviction phases' candidate queries for ``policy`` (parameters ``bound``, ``batch``, ``now``,
     ``half_life``, ``floor``): ``images`` (phase 0: prompt id, image blob id), ``states`` (phase 1: state ids
-    above each prompt's floor), ``prompts`` (phase 2: whole prompts, lowest best-state key first)."""
+    above each prompt's floor), ``prompts`` (phase 2: whole prompts, lowest best-state key first).
+
+    With ``by_tenant`` every query keeps only the entries of tenant ``%(tenant)s`` (a state or image by its blob's
+    tenant, which is its prompt's: blobs are only shared within a namespace), in the same order.
+    """
     freed_state = _FREED_STATE
-    states = "FROM cache_states s JOIN cache_blobs b ON b.id = s.blob_id"
+    blob_scope = " WHERE b.tenant = %(tenant)s" if by_tenant else ""
+    states = "FROM cache_states s JOIN cache_blobs b ON b.id = s.blob_id" + blob_scope
     if policy.min_states_per_prompt > 0:
         # The floor needs each state's rank within its prompt: rank every state, keep those above the floor.
         prank = f"row_number() OVER (PARTITION BY s.prompt_id ORDER BY {', '.join(policy.sql_protect_order())})"
@@ -100,7 +110,7 @@ def eviction_queries(policy: EvictionPolicy) -> dict[str, str]:
     t0, t1 = policy.sql_key_terms()[:2]
     return {
         "images": _prefix_within(
-            _IMAGES,
+            _IMAGES + blob_scope,
             "p.id, p.image_blob_id",
             "id, image_blob_id",
             "b.bytes",
@@ -110,7 +120,8 @@ def eviction_queries(policy: EvictionPolicy) -> dict[str, str]:
         "prompts": _prefix_within(
             "FROM cache_prompts p LEFT JOIN cache_states s ON s.prompt_id = p.id "
             "LEFT JOIN cache_blobs b ON b.id = s.blob_id LEFT JOIN cache_blobs ib ON ib.id = p.image_blob_id "
-            "GROUP BY p.id",
+            + ("WHERE p.tenant = %(tenant)s " if by_tenant else "")
+            + "GROUP BY p.id",
             "p.id",
             "id",
             f"coalesce(sum({_FREED_STATE}), 0) + coalesce(max(ib.bytes), 0)",
@@ -199,11 +210,31 @@ def _retry(fn: Callable[[], T], attempts: int = 8) -> T:
 
 class CacheIndex:
     """All cache SQL, over a psycopg connection pool (connections are used in autocommit mode with explicit
-    transactions)."""
+    transactions).
 
-    def __init__(self, pool: Any) -> None:
+    Args:
+        pool: a psycopg pool.
+        exact_scan_max_rows: :meth:`nearest` searches a namespace of at most this many prompts exactly (every row
+            of the namespace, read through the namespace btree) instead of through the filtered HNSW scan; 0:
+            always HNSW (the planner may still pick the btree on its own).
+        size_ttl_s: how long a namespace's row count is trusted before :meth:`nearest` counts it again (an exact
+            search refreshes it for free; see :meth:`namespace_rows`).
+    """
+
+    def __init__(
+        self, pool: Any, exact_scan_max_rows: int = DEFAULT_EXACT_SCAN_MAX_ROWS, size_ttl_s: float = 60.0
+    ) -> None:
+        if exact_scan_max_rows < 0:
+            raise ValueError(f"exact_scan_max_rows must be >= 0, got {exact_scan_max_rows}")
+        if size_ttl_s < 0:
+            raise ValueError(f"size_ttl_s must be >= 0, got {size_ttl_s}")
         self.pool = pool
+        self.exact_scan_max_rows = exact_scan_max_rows
+        self.size_ttl_s = size_ttl_s
         self._indexed_dims: set[int] = {384}
+        # Space → (rows, capped at exact_scan_max_rows + 1; time.monotonic() of the count). Plain dict: a race
+        # only repeats a count.
+        self._rows: dict[Space, tuple[int, float]] = {}
 
     @contextmanager
     def connection(self) -> Iterator[psycopg.Connection[Any]]:
@@ -240,13 +271,20 @@ class CacheIndex:
         limit: int = 4,
         max_scan_tuples: int = 20000,
         explain: bool = False,
+        exact: bool = False,
     ) -> list[tuple[int, float]]:
         """Up to ``limit`` (prompt_id, cosine similarity) nearest to ``embedding``, best first.
 
         ``space`` None searches every namespace of that dimension (benchmarks only). Runs in its own
-        transaction on ``conn`` (settings are ``SET LOCAL``). With ``explain`` the query is not run: the
-        result is ``[(0, 1.0)]`` if the plan scans the HNSW index, ``[(0, 0.0)]`` otherwise (benchmarks).
+        transaction on ``conn`` (settings are ``SET LOCAL``). With ``exact`` (needs a ``space``) every row of
+        the namespace is compared (:meth:`exact_nearest_on`); otherwise the query may use the HNSW index with
+        iterative scans. With ``explain`` the query is not run: the result is ``[(0, 1.0)]`` if the plan scans
+        the HNSW index, ``[(0, 0.0)]`` otherwise (benchmarks).
         """
+        if exact:
+            if space is None:
+                raise ValueError("an exact search needs a namespace")
+            return CacheIndex.exact_nearest_on(conn, space, dim, embedding, limit=limit, explain=explain)[0]
         if not 1 <= ef_search <= 1000:
             raise ValueError(f"ef_search must be in 1..1000, got {ef_search}")
         if not 1 <= limit <= 1000:
@@ -279,7 +317,83 @@ class CacheIndex:
             rows = conn.execute(sql, params).fetchall()  # type: ignore[call-overload]
         return [(int(r[0]), 1.0 - float(r[1])) for r in rows]
 
+    @staticmethod
+    def exact_nearest_on(
+        conn: psycopg.Connection[Any],
+        space: Space,
+        dim: int,
+        embedding: np.ndarray,
+        *,
+        limit: int = 4,
+        explain: bool = False,
+    ) -> tuple[list[tuple[int, float]], int]:
+        """Exact search of one namespace: (up to ``limit`` (prompt_id, similarity) best first, the namespace's
+        row count).
+
+        The rows are read through the namespace btree (or a sequential scan if the planner prefers) in a
+        materialized CTE, so the HNSW index cannot serve the ORDER BY: the answer is the true nearest (ties by
+        id) whatever the namespace's share of the table. The count comes with it at no extra scan.
+        """
+        if not 1 <= limit <= 1000:
+            raise ValueError(f"limit must be in 1..1000, got {limit}")
+        q = np.asarray(embedding, dtype=np.float32).ravel()
+        if q.shape[0] != dim:
+            raise ValueError(f"embedding dim must be {dim}, got {q.shape[0]}")
+        d = int(dim)
+        sql = (
+            f"WITH c AS MATERIALIZED (SELECT id, embedding::vector({d}) <=> %(q)s::vector({d}) AS dist "
+            f"FROM cache_prompts WHERE dim = {d} AND model_key = %(mk)s AND tenant = %(t)s AND embed_space = %(es)s) "
+            "SELECT id, dist, (SELECT count(*) FROM c) FROM c ORDER BY dist, id LIMIT %(lim)s"
+        )
+        params = {"q": q, "lim": limit, "mk": space.model_key, "t": space.tenant, "es": space.embed_space}
+        if explain:
+            plan = "\n".join(r[0] for r in conn.execute("EXPLAIN " + sql, params))  # type: ignore[call-overload]
+            return [(0, 1.0 if f"cache_prompts_hnsw_{d}" in plan else 0.0)], 0
+        rows = conn.execute(sql, params).fetchall()  # type: ignore[call-overload]
+        if not rows:
+            return [], 0
+        return [(int(r[0]), 1.0 - float(r[1])) for r in rows], int(rows[0][2])
+
+    @staticmethod
+    def count_rows_on(conn: psycopg.Connection[Any], space: Space, cap: int) -> int:
+        """The namespace's prompt count, counted up to ``cap`` (an index-only walk of the namespace btree of at
+        most ``cap`` entries: cheap whatever the namespace's size). The dimension is not checked: an embedding
+        space has one."""
+        r = conn.execute(
+            "SELECT count(*) FROM (SELECT 1 FROM cache_prompts WHERE model_key = %s AND tenant = %s "
+            "AND embed_space = %s LIMIT %s) x",
+            (space.model_key, space.tenant, space.embed_space, cap),
+        ).fetchone()
+        return int(r[0]) if r else 0
+
+    def namespace_rows(self, space: Space) -> int:
+        """The namespace's prompt count as :meth:`nearest` last saw it, capped at ``exact_scan_max_rows + 1``.
+
+        Kept per process: an exact search returns the count with its answer (so a growing small namespace
+        moves to HNSW at its first lookup past the threshold); a count older than ``size_ttl_s`` (a namespace on
+        the HNSW path, or one this process has not searched lately) is taken again (bounded,
+        :meth:`count_rows_on`), so a namespace that shrank under the threshold (eviction) moves back within
+        that time.
+        """
+        cap = self.exact_scan_max_rows + 1
+        hit = self._rows.get(space)
+        now = time.monotonic()
+        if hit is not None and now - hit[1] < self.size_ttl_s:
+            return hit[0]
+        with self.connection() as conn:
+            n = self.count_rows_on(conn, space, cap)
+        self._rows[space] = (n, now)
+        return n
+
     def nearest(self, space: Space, embedding: np.ndarray, **kwargs: Any) -> list[tuple[int, float]]:
+        """:meth:`nearest_on` in ``space``, exact when the namespace holds ≤ ``exact_scan_max_rows`` prompts
+        (:meth:`namespace_rows`), else through the HNSW index; ``kwargs`` as :meth:`nearest_on` (``ef_search``
+        and ``max_scan_tuples`` only matter to the HNSW path)."""
+        if self.exact_scan_max_rows > 0 and self.namespace_rows(space) <= self.exact_scan_max_rows:
+            with self.connection() as conn:
+                rows, n = self.exact_nearest_on(conn, space, space.dim, embedding, limit=kwargs.get("limit", 4))
+            self._rows[space] = (min(n, self.exact_scan_max_rows + 1), time.monotonic())
+            return rows
         with self.connection() as conn:
             return self.nearest_on(conn, space, space.dim, embedding, **kwargs)
 
@@ -576,27 +690,71 @@ class CacheIndex:
             r = conn.execute("SELECT coalesce(sum(bytes), 0) FROM cache_blobs").fetchone()
         return int(r[0]) if r else 0
 
-    def evict_to_budget(
-        self, policy: EvictionPolicy, budget_bytes: int, now: float, batch: int = 2000
-    ) -> dict[str, Any]:
-        """Evict in ``policy`` order until stored bytes (states + images) ≤ ``budget_bytes``.
+    def tenant_bytes(self) -> dict[str, int]:
+        """Stored bytes (states + images, each blob once) per tenant."""
+        with self.connection() as conn:
+            rows = conn.execute("SELECT tenant, coalesce(sum(bytes), 0) FROM cache_blobs GROUP BY tenant").fetchall()
+        return {str(r[0]): int(r[1]) for r in rows}
 
-        Nothing happens while stored bytes ≤ ``budget_bytes``. Otherwise, phase 0 (policies with an image cap:
-        ``ours``): images go, least recently stored/served first, until they hold ≤ ``policy.image_cap(budget)``
+    def evict_to_budget(
+        self,
+        policy: EvictionPolicy,
+        budget_bytes: int,
+        now: float,
+        batch: int = 2000,
+        tenant_budget_bytes: int = 0,
+    ) -> dict[str, Any]:
+        """Evict in ``policy`` order until every tenant stores ≤ ``tenant_budget_bytes`` (if > 0) and all of
+        them together ≤ ``budget_bytes``.
+
+        Per-tenant stage first (``tenant_budget_bytes`` > 0): each tenant over its budget
+        (``eviction.tenant_overflows``) is evicted down to it exactly as below, with every phase restricted to
+        that tenant's entries (and phase 0's image cap taken of the tenant budget), so one tenant's burst never
+        evicts another's entries. Then the global stage over all tenants with ``budget_bytes``.
+
+        Each stage does nothing while its stored bytes ≤ its budget. Otherwise, phase 0 (policies with an image
+        cap: ``ours``): images go, least recently stored/served first, until they hold ≤ ``policy.image_cap(budget)``
         (even if that frees more than the overflow; the same set as ``policy.evict_images``) — the prompt's
         image reference is set NULL (prompt and states stay; a prompt left with neither goes), then the blob
         row. Phase 1: states in policy order above each prompt's floor. Phase 2: whole prompts. Each batch is
         one transaction holding the eviction advisory lock.
-        Returns counts (``images``: images dropped in phase 0), bytes freed and the URIs whose rows are gone
-        (the caller deletes those objects after this returns).
+        Returns counts (``images``: images dropped in phase 0), bytes freed, ``tenants`` (bytes the per-tenant
+        stage freed, per tenant over its budget) and the URIs whose rows are gone (the caller deletes those
+        objects after this returns).
         """
         if budget_bytes < 0:
             raise ValueError(f"budget_bytes must be >= 0, got {budget_bytes}")
+        if tenant_budget_bytes < 0:
+            raise ValueError(f"tenant_budget_bytes must be >= 0, got {tenant_budget_bytes}")
         res: dict[str, Any] = {"states": 0, "prompts": 0, "blobs": 0, "bytes": 0, "uris": [], "phase2": 0}
         res["images"] = 0
+        res["tenants"] = {}
+        if tenant_budget_bytes > 0:
+            # Read outside the lock: each batch re-reads its tenant's bytes under it, so a stale list only
+            # visits a tenant that is no longer over (nothing happens) or misses one until the next run.
+            for tenant in tenant_overflows(self.tenant_bytes(), tenant_budget_bytes):
+                before = res["bytes"]
+                self._evict_scope(policy, tenant_budget_bytes, now, batch, res, tenant)
+                res["tenants"][tenant] = res["bytes"] - before
+        self._evict_scope(policy, budget_bytes, now, batch, res, None)
+        return res
+
+    def _evict_scope(
+        self,
+        policy: EvictionPolicy,
+        budget_bytes: int,
+        now: float,
+        batch: int,
+        res: dict[str, Any],
+        tenant: str | None,
+    ) -> None:
+        """One stage of :meth:`evict_to_budget`: everything (``tenant`` None) or one tenant's entries down to
+        ``budget_bytes``; adds to ``res``."""
         image_cap = policy.image_cap(budget_bytes)
-        q = eviction_queries(policy)
-        params = {"now": now, "half_life": policy.half_life_s}
+        q = eviction_queries(policy, by_tenant=tenant is not None)
+        scope = "" if tenant is None else " WHERE tenant = %(tenant)s"
+        image_scope = "" if tenant is None else " WHERE b.tenant = %(tenant)s"
+        params = {"now": now, "half_life": policy.half_life_s, "tenant": tenant}
         floor = policy.min_states_per_prompt
 
         evicting = [False]  # stored bytes exceeded the budget during this call
@@ -604,7 +762,7 @@ class CacheIndex:
         def step() -> bool:
             with self.connection() as conn, conn.transaction():
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (EVICT_LOCK_KEY,))
-                r = conn.execute("SELECT coalesce(sum(bytes), 0) FROM cache_blobs").fetchone()
+                r = conn.execute(f"SELECT coalesce(sum(bytes), 0) FROM cache_blobs{scope}", params).fetchone()  # type: ignore[call-overload]
                 overflow = int(r[0]) - budget_bytes if r else 0
                 if overflow > 0:
                     evicting[0] = True
@@ -612,10 +770,10 @@ class CacheIndex:
                     return False
                 drop: list[Any] = []
                 if image_cap is not None:  # phase 0, to the cap once eviction started (whatever the batch size)
-                    r = conn.execute(f"SELECT coalesce(sum(b.bytes), 0) {_IMAGES}").fetchone()
+                    r = conn.execute(f"SELECT coalesce(sum(b.bytes), 0) {_IMAGES}{image_scope}", params).fetchone()  # type: ignore[call-overload]
                     excess = (int(r[0]) if r else 0) - image_cap
                     if excess > 0:
-                        drop = conn.execute(q["images"], {"bound": excess, "batch": batch}).fetchall()
+                        drop = conn.execute(q["images"], {**params, "bound": excess, "batch": batch}).fetchall()  # type: ignore[call-overload]
                 if not drop and overflow <= 0:
                     return False
                 p = {**params, "bound": overflow, "batch": batch, "floor": floor}
@@ -664,7 +822,6 @@ class CacheIndex:
         for _ in range(100000):
             if not _retry(step):
                 break
-        return res
 
     # ------------------------------------------------------------------ maintenance
     def known_uris(self) -> set[str]:
