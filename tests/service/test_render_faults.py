@@ -96,7 +96,7 @@ def test_resume_through_the_production_codecs(parts: dict[str, Any], comps: Any,
 
     p = parts
     p["cache"].codec = codec
-    src, hit = _source_then_hit(p)
+    _, hit = _source_then_hit(p)
     assert p["renderer"].render(hit, 0) == "done"
     row = p["store"].get(hit)
     assert row["tier"] == "approximate" and row["cache_fallback"] is None and row["start_step"] > 0
