@@ -2,7 +2,8 @@
 
 * A request-body limit (``max_body_bytes``): a declared ``Content-Length`` over it is refused before any byte
   is read, a streamed (chunked) body as soon as it passes the limit — HTTP 413 naming the limit.
-* Per-API-key rate limits (``nirvana.service.ratelimit``): 429 with ``Retry-After``.
+* Per-API-key rate limits and the per-client-address failed-auth throttle (``nirvana.service.ratelimit``; the
+  latter is charged by ``api.deps.authenticate`` before a key's database lookup): 429 with ``Retry-After``.
 * Every framework error (unknown route, wrong method, unparseable body, invalid UTF-8) answers in the service's
   error shape ``{"error": {"type", "message", "field"?}}`` and says what was wrong.
 """
