@@ -10,7 +10,7 @@ import psycopg
 import pytest
 from psycopg_pool import ConnectionPool
 
-from nirvana.cache.index import CacheIndex, Space, configure_connection
+from nirvana.cache.index import DEFAULT_EXACT_SCAN_MAX_ROWS, CacheIndex, Space, configure_connection
 from tests.cache.helpers import at_similarity
 
 SIZES = {"big": 3000, "mid": 600, "small": 360, "tiny": 40}
@@ -59,14 +59,15 @@ def _ids(conn: psycopg.Connection, tenant: str) -> np.ndarray:  # type: ignore[t
     )
 
 
+@pytest.mark.parametrize("exact_rows", [0, DEFAULT_EXACT_SCAN_MAX_ROWS])  # HNSW only; small namespaces exact
 @pytest.mark.parametrize("ef", [40, 100])
-def test_filtered_recall(filled: tuple[str, dict[str, np.ndarray]], ef: int) -> None:
+def test_filtered_recall(filled: tuple[str, dict[str, np.ndarray]], ef: int, exact_rows: int) -> None:
     url, data = filled
     rng = np.random.default_rng(ef)
     with ConnectionPool(
         url, min_size=1, max_size=1, kwargs={"autocommit": True}, configure=configure_connection
     ) as pool:
-        index = CacheIndex(pool)
+        index = CacheIndex(pool, exact_scan_max_rows=exact_rows)
         with pool.connection() as conn:
             ids = {t: _ids(conn, t) for t in SIZES}
         for tenant, x in data.items():
@@ -79,6 +80,8 @@ def test_filtered_recall(filled: tuple[str, dict[str, np.ndarray]], ef: int) -> 
             allowed = set(ids[tenant].tolist())
             assert all(pid in allowed for g in got for pid, _ in g)
             assert recall >= (0.9 if ef == 40 else 0.95), f"{tenant} ef={ef}: recall@1 {recall:.2f}"
+            if exact_rows >= SIZES[tenant]:  # searched exactly: the brute-force answer
+                assert recall == 1.0, f"{tenant}: exact search recall@1 {recall:.2f}"
 
 
 @pytest.fixture
