@@ -106,6 +106,21 @@ class Settings(BaseSettings):
     beat_evict_s: float = Field(60.0, gt=0)
     beat_gate_s: float = Field(300.0, gt=0)
     beat_reap_s: float = Field(15.0, gt=0)
+    beat_sweep_s: float = Field(60.0, gt=0, description="orphan sweep period (each run: a slice of the store)")
+    beat_retention_s: float = Field(3600.0, gt=0, description="retention period")
+    sweep_shards_per_run: int = Field(
+        16, ge=1, le=256, description="of the store's 256 key shards, how many one orphan sweep lists"
+    )
+    retention_ledger_s: float = Field(
+        7 * 86400.0, ge=0, description="keep the cache's per-job ledger this long (0: forever)"
+    )
+    retention_jobs_s: float = Field(
+        90 * 86400.0, ge=0, description="delete finished job rows (and their images) this long after (0: never)"
+    )
+    retention_images_s: float = Field(
+        30 * 86400.0, ge=0, description="delete finished jobs' images this long after, keeping the rows (0: never)"
+    )
+    retention_batch: int = Field(1000, ge=1, description="most jobs one retention run touches per kind")
     api_key_cache_s: float = Field(10.0, ge=0, description="seconds a verified API key is cached per process")
 
     # Abuse limits (docs/SECURITY.md). Rate limits are token buckets per API key, kept in Redis so every API

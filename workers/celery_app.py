@@ -1,7 +1,8 @@
 """The Celery application: queues, delivery guarantees and the beat schedule.
 
-Queues: ``route`` (CPU: embedding + cache lookup, plus beat's maintenance tasks) and ``render.<model_key>`` (one
-per served model; the model_key at the model's native size). Missing queues are never auto-created
+Queues: ``route`` (CPU: embedding + cache lookup), ``maintenance`` (beat's tasks: eviction, gate refit, reaper,
+orphan sweep, retention — on their own worker so a long eviction never stalls routing) and ``render.<model_key>``
+(one per served model; the model_key at the model's native size). Missing queues are never auto-created
 (``task_create_missing_queues = False``): the router sends to a render queue only once a render worker has
 registered it in ``served_models``, passing the declared ``kombu.Queue``.
 
@@ -19,13 +20,16 @@ from celery import Celery
 from kombu import Queue
 
 from nirvana.config import Settings
-from nirvana.service.models import ROUTE_QUEUE
+from nirvana.service.models import MAINTENANCE_QUEUE, ROUTE_QUEUE
 
 ROUTE_TASK = "nirvana.route"
 RENDER_TASK = "nirvana.render"
 EVICT_TASK = "nirvana.maintenance.evict"
 GATE_TASK = "nirvana.maintenance.refit_gate"
 REAP_TASK = "nirvana.maintenance.reap"
+SWEEP_TASK = "nirvana.maintenance.sweep"
+RETENTION_TASK = "nirvana.maintenance.retention"
+MAINTENANCE_TASKS = (EVICT_TASK, GATE_TASK, REAP_TASK, SWEEP_TASK, RETENTION_TASK)
 
 
 def broker_url(settings: Settings) -> str:
@@ -38,7 +42,7 @@ def celery_config(settings: Settings, render_queues: list[str] | None = None) ->
     """Celery settings for every nirvana process (API, router, render workers, beat)."""
     vt = int(settings.visibility_timeout_s)
     transport = {"visibility_timeout": vt}
-    queues = [Queue(ROUTE_QUEUE, routing_key=ROUTE_QUEUE)]
+    queues = [Queue(ROUTE_QUEUE, routing_key=ROUTE_QUEUE), Queue(MAINTENANCE_QUEUE, routing_key=MAINTENANCE_QUEUE)]
     queues += [Queue(q, routing_key=q) for q in render_queues or []]
     return {
         "broker_url": broker_url(settings),
@@ -52,9 +56,7 @@ def celery_config(settings: Settings, render_queues: list[str] | None = None) ->
         "task_create_missing_queues": False,
         "task_routes": {
             ROUTE_TASK: {"queue": ROUTE_QUEUE},
-            EVICT_TASK: {"queue": ROUTE_QUEUE},
-            GATE_TASK: {"queue": ROUTE_QUEUE},
-            REAP_TASK: {"queue": ROUTE_QUEUE},
+            **{t: {"queue": MAINTENANCE_QUEUE} for t in MAINTENANCE_TASKS},
         },
         "task_ignore_result": True,
         "task_acks_late": True,
@@ -69,6 +71,8 @@ def celery_config(settings: Settings, render_queues: list[str] | None = None) ->
             "evict-to-budget": {"task": EVICT_TASK, "schedule": settings.beat_evict_s},
             "refit-novelty-gate": {"task": GATE_TASK, "schedule": settings.beat_gate_s},
             "reap-stuck-jobs": {"task": REAP_TASK, "schedule": settings.beat_reap_s},
+            "sweep-orphans": {"task": SWEEP_TASK, "schedule": settings.beat_sweep_s},
+            "retention": {"task": RETENTION_TASK, "schedule": settings.beat_retention_s},
         },
     }
 

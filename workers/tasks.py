@@ -8,7 +8,15 @@ import psycopg
 from celery import Celery
 
 from workers import runtime
-from workers.celery_app import EVICT_TASK, GATE_TASK, REAP_TASK, RENDER_TASK, ROUTE_TASK
+from workers.celery_app import (
+    EVICT_TASK,
+    GATE_TASK,
+    REAP_TASK,
+    RENDER_TASK,
+    RETENTION_TASK,
+    ROUTE_TASK,
+    SWEEP_TASK,
+)
 
 _TRANSIENT = (psycopg.OperationalError, ConnectionError, TimeoutError)
 
@@ -44,3 +52,11 @@ def register(app: Celery) -> None:
     @app.task(name=REAP_TASK, acks_late=True)
     def reap() -> dict[str, int]:
         return dict(runtime.maintenance().reap())
+
+    @app.task(name=SWEEP_TASK, acks_late=True)
+    def sweep() -> dict[str, Any]:
+        return dict(runtime.maintenance().sweep())
+
+    @app.task(name=RETENTION_TASK, acks_late=True)
+    def retention() -> dict[str, int]:
+        return dict(runtime.maintenance().retention())

@@ -26,7 +26,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -634,15 +634,19 @@ class ApproximateCache:
         res["policy"] = self.eviction.name
         return res
 
-    def sweep_orphans(self, min_age_s: float = 3600.0) -> int:
+    def sweep_orphans(self, min_age_s: float = 3600.0, shards: Sequence[str] | None = None) -> int:
         """Delete stored objects no row references, older than ``min_age_s`` (so in-flight writes, whose rows
-        come after their objects, are spared). Returns how many were deleted."""
+        come after their objects, are spared). ``shards`` (two hex digits each: the first byte of the job token
+        in every key) limits the listing to those slices of the store — the maintenance task sweeps a few per
+        run. Returns how many were deleted."""
         if min_age_s < 0:
             raise ValueError(f"min_age_s must be >= 0, got {min_age_s}")
-        candidates = list(self.store.iter_objects(min_age_s))
+        candidates: list[str] = []
+        for shard in shards if shards is not None else [None]:
+            candidates += self.store.iter_objects(min_age_s, shard=shard)
         if not candidates:
             return 0
-        known = self.index.known_uris()
+        known = self.index.known_among(candidates)
         return self.store.delete([u for u in candidates if u not in known])
 
     def prune_ledger(self, older_than_s: float = 7 * 86400.0) -> int:

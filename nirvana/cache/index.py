@@ -828,6 +828,11 @@ class CacheIndex:
         with self.connection() as conn:
             return {str(r[0]) for r in conn.execute("SELECT uri FROM cache_blobs WHERE uri IS NOT NULL")}
 
+    def known_among(self, uris: list[str]) -> set[str]:
+        """Those of ``uris`` a blob row references (one indexed query, not a scan of every row)."""
+        with self.connection() as conn:
+            return {str(r[0]) for r in conn.execute("SELECT uri FROM cache_blobs WHERE uri = ANY(%s)", (uris,))}
+
     def prune_ledger(self, older_than_s: float) -> int:
         with self.connection() as conn:
             cur = conn.execute(

@@ -314,16 +314,23 @@ class LatentStore:
             return False
         return bool(fs.exists(path))
 
-    def iter_objects(self, min_age_s: float = 0.0) -> Iterator[str]:
+    def iter_objects(self, min_age_s: float = 0.0, shard: str | None = None) -> Iterator[str]:
         """URIs of stored objects (under ``states/`` and ``images/``, plus stale temporaries) older than
-        ``min_age_s``; objects whose age cannot be told are skipped."""
+        ``min_age_s``; objects whose age cannot be told are skipped. ``shard`` (two hex digits, the level after
+        the namespace in every key) lists only that slice: 1/256 of the store."""
         now = time.time()
         for sub in ("states", "images"):
             base = f"{self.root}/{sub}"
             try:
-                found = self.fs.find(base, detail=True)
+                bases = [base] if shard is None else [f"{d}/{shard}" for d in self.fs.ls(base, detail=False)]
             except FileNotFoundError:
                 continue
+            found: dict[str, Any] = {}
+            for b in bases:
+                try:
+                    found.update(self.fs.find(b, detail=True))
+                except FileNotFoundError:
+                    continue
             for path, info in found.items():
                 if info.get("type", "file") != "file":
                     continue

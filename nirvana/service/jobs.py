@@ -461,6 +461,46 @@ class JobStore:
             ).fetchall()
         return out
 
+    # ------------------------------------------------------------------ maintenance
+    def get_state(self, name: str) -> str | None:
+        """A maintenance task's saved position (``maintenance_state``), or None."""
+        row = self._one("SELECT value FROM maintenance_state WHERE name = %s", (name,))
+        return None if row is None else str(row["value"])
+
+    def set_state(self, name: str, value: str) -> None:
+        with self.conn() as c:
+            c.execute(
+                "INSERT INTO maintenance_state (name, value) VALUES (%s, %s) "
+                "ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value, updated_at = now()",
+                (name, value),
+            )
+
+    def expire_images(self, older_than_s: float, limit: int) -> list[str]:
+        """Finished jobs older than ``older_than_s`` lose their image (``image_uri`` NULL: the API then answers
+        that the image is gone); returns the URIs to delete, at most ``limit``."""
+        with self.conn() as c:
+            rows = c.execute(
+                "WITH old AS (SELECT id, image_uri FROM jobs WHERE status = 'done' AND image_uri IS NOT NULL "
+                "AND finished_at < clock_timestamp() - make_interval(secs => %s) ORDER BY finished_at LIMIT %s "
+                "FOR UPDATE SKIP LOCKED) "
+                "UPDATE jobs j SET image_uri = NULL, updated_at = clock_timestamp() FROM old WHERE j.id = old.id "
+                "RETURNING old.image_uri",
+                (older_than_s, limit),
+            ).fetchall()
+        return [str(r["image_uri"]) for r in rows]
+
+    def delete_finished(self, older_than_s: float, limit: int) -> list[str | None]:
+        """Delete the rows of jobs finished longer ago than ``older_than_s`` (at most ``limit``; their
+        idempotency keys go with them); returns each deleted job's image URI (None: it had none left)."""
+        with self.conn() as c:
+            rows = c.execute(
+                "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE status IN ('done', 'failed', 'cancelled') "
+                "AND finished_at < clock_timestamp() - make_interval(secs => %s) ORDER BY finished_at LIMIT %s "
+                "FOR UPDATE SKIP LOCKED) RETURNING image_uri",
+                (older_than_s, limit),
+            ).fetchall()
+        return [None if r["image_uri"] is None else str(r["image_uri"]) for r in rows]
+
     # ------------------------------------------------------------------ aggregates (metrics, stats)
     def counts_by_status(self) -> dict[str, int]:
         with self.conn() as c:

@@ -11,7 +11,7 @@ from typing import Any
 from psycopg.rows import tuple_row
 
 log = logging.getLogger(__name__)
-ROLES = ("router", "render")
+ROLES = ("router", "render", "maintenance")
 
 
 def beat(pool: Any, name: str, role: str, queue: str) -> None:

@@ -28,6 +28,7 @@ from nirvana.service.errors import FieldError
 
 QUEUE_PREFIX = "render."
 ROUTE_QUEUE = "route"
+MAINTENANCE_QUEUE = "maintenance"  # eviction, gate refit, reaper, orphan sweep, retention: never on `route`
 
 
 def served_name(settings: Settings) -> str:

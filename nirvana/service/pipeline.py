@@ -318,7 +318,10 @@ class Renderer:
 
 
 class Maintenance:
-    """Beat tasks: eviction to budget (+ orphan sweep), novelty-gate refit, the reaper."""
+    """Beat tasks, on the ``maintenance`` queue: eviction to budget, orphan sweep (a slice per run), gate
+    refit, the reaper, retention. Every run does bounded work and is safe to repeat."""
+
+    SWEEP_CURSOR = "sweep_orphans.next_shard"
 
     def __init__(self, settings: Settings, store: JobStore, cache: ApproximateCache | None, sender: TaskSender) -> None:
         self.settings = settings
@@ -327,11 +330,39 @@ class Maintenance:
         self.sender = sender
 
     def evict(self) -> dict[str, Any]:
+        return {} if self.cache is None else self.cache.evict_to_budget()
+
+    def sweep(self) -> dict[str, Any]:
+        """Delete unreferenced objects in the next ``sweep_shards_per_run`` of the store's 256 key shards; the
+        cursor lives in Postgres, so the whole store is covered every 256 / n runs whoever runs them."""
         if self.cache is None:
             return {}
-        res = self.cache.evict_to_budget()
-        res["orphans_deleted"] = self.cache.sweep_orphans()
-        return res
+        n = self.settings.sweep_shards_per_run
+        first = int(self.store.get_state(self.SWEEP_CURSOR) or 0) % 256
+        shards = [f"{(first + i) % 256:02x}" for i in range(n)]
+        deleted = self.cache.sweep_orphans(shards=shards)
+        self.store.set_state(self.SWEEP_CURSOR, str((first + n) % 256))
+        return {"shards": f"{shards[0]}..{shards[-1]}", "orphans_deleted": deleted}
+
+    def retention(self) -> dict[str, int]:
+        """Forget what is older than its retention (``NIRVANA_RETENTION_*``; 0 keeps it forever), at most
+        ``retention_batch`` jobs per kind and run: the cache's job ledger, finished jobs' images, finished jobs."""
+        s = self.settings
+        out = {"ledger_rows": 0, "job_images": 0, "job_rows": 0}
+        if self.cache is not None and s.retention_ledger_s > 0:
+            out["ledger_rows"] = self.cache.prune_ledger(s.retention_ledger_s)
+        uris: list[str] = []
+        if s.retention_images_s > 0:
+            found = self.store.expire_images(s.retention_images_s, s.retention_batch)
+            out["job_images"] = len(found)
+            uris += found
+        if s.retention_jobs_s > 0:
+            found = self.store.delete_finished(s.retention_jobs_s, s.retention_batch)
+            out["job_rows"] = len(found)
+            uris += [u for u in found if u]
+        if uris and self.cache is not None:
+            self.cache.store.delete(uris)  # rows first: an image no row points at is never served
+        return out
 
     def refit_gate(self) -> dict[str, Any]:
         return {} if self.cache is None else self.cache.refit_gate()

@@ -275,7 +275,11 @@ class Stack:
                 "--no-access-log",
             ],
         )
-        self._spawn("router", [sys.executable, "-m", "workers.router", *(["--beat"] if self.cfg.beat else [])])
+        self._spawn("router", [sys.executable, "-m", "workers.router"])
+        # Beat and its tasks live on the maintenance worker: eviction or a sweep never queue behind routing.
+        self._spawn(
+            "maintenance", [sys.executable, "-m", "workers.maintenance", *(["--beat"] if self.cfg.beat else [])]
+        )
         for _ in range(self.cfg.render_workers):
             self.add_render_worker()
         self.wait_ready(self.cfg.ready_timeout_s)

@@ -68,7 +68,7 @@ def _check_entry_point(name: str, argv: list[str]) -> None:
 
 def test_services_and_entry_points(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    assert set(services) >= {"postgres", "redis", "migrate", "api", "router", "render", "beat", "flower"}
+    assert set(services) >= {"postgres", "redis", "migrate", "api", "router", "render", "maintenance", "beat", "flower"}
     for name, svc in services.items():
         if "build" in svc:
             _check_entry_point(name, _cmd(svc))
@@ -100,7 +100,7 @@ def test_production_properties(compose: dict[str, Any]) -> None:
     devices = render["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["capabilities"] == ["gpu"]
     assert "container_name" not in render and "ports" not in render  # scalable: --scale render=N
-    for name in ("api", "router", "render", "beat"):
+    for name in ("api", "router", "render", "maintenance", "beat"):
         dep = s[name]["depends_on"]
         assert dep["migrate"]["condition"] == "service_completed_successfully", name
     assert s["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
@@ -115,4 +115,7 @@ def test_celery_settings_match_the_compose_intent() -> None:
     assert conf["visibility_timeout"] == 3600
     assert conf["task_acks_late"] and conf["worker_prefetch_multiplier"] == 1
     assert conf["task_create_missing_queues"] is False
-    assert [q.name for q in conf["task_queues"]] == ["route", "render.m"]
+    assert [q.name for q in conf["task_queues"]] == ["route", "maintenance", "render.m"]
+    # Beat's tasks never queue behind routing (a long eviction or sweep must not stall it).
+    assert {r["queue"] for t, r in conf["task_routes"].items() if t != "nirvana.route"} == {"maintenance"}
+    assert {e["task"] for e in conf["beat_schedule"].values()} <= set(conf["task_routes"])

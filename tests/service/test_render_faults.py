@@ -63,9 +63,7 @@ def test_state_refused_by_the_engine_renders_from_noise(parts: dict[str, Any]) -
     src = _job(p, "a blue dog", 10, a, tenant)
     assert p["router"].route(src) == "miss"
     req = cache_request(p["store"].get(src), shared_pool=False)
-    bad = [
-        CapturedState(torch.zeros(4, 4, 4), k, 10, 500.0, "ddim", req.namespace.model_key) for k in (1, 2, 3, 4, 5)
-    ]
+    bad = [CapturedState(torch.zeros(4, 4, 4), k, 10, 500.0, "ddim", req.namespace.model_key) for k in (1, 2, 3, 4, 5)]
     p["cache"].record(src, req, bad, None, None)
     hit = _job(p, "a blue puppy", 10, at_similarity(a, 0.97, rng), tenant)
     assert p["router"].route(hit) == "approximate"
