@@ -6,6 +6,12 @@ prompts directory, never copied) plus paraphrase-like perturbations of them; que
 indexed prompts. Ground truth is the exact nearest neighbour (brute force), over everything or within the
 query's namespace. Namespaces get skewed sizes (50/25/15/9/1 %) so the filter is tested on a small one too.
 
+Per namespace, at the cache's ``ef_search`` (100), fresh near-duplicate queries of that namespace's prompts go
+through both search paths of ``CacheIndex``: ``filtered`` (the query before session 20: ORDER BY distance under
+the namespace filter, the planner choosing the HNSW index with iterative scans or the namespace btree) and
+``exact``, with the path the cache now takes (exact at ≤ ``exact_scan_max_rows`` prompts). The 1 %-namespace
+row (``small_namespace``) does the same with ``queries`` queries in the 1 % namespace: recall@1 and p50/p99.
+
 A fresh database is created for the run (on ``--database-url`` / ``NIRVANA_DATABASE_URL``, or on an embedded
 server started in a temporary directory) and dropped afterwards.
 """
@@ -189,8 +195,13 @@ def run_index_bench(
     cache_dir: Path | None = None,
     embedder: Any = None,
     print_table: bool = True,
+    exact_scan_max_rows: int | None = None,
+    ns_queries: int = 50,
 ) -> dict[str, Any]:
     """Fill a fresh index with ``n`` embeddings and measure it; returns a JSON-able dict.
+
+    ``exact_scan_max_rows`` (default: the cache's) decides the path the per-namespace rows report as the
+    cache's; ``ns_queries`` is the number of queries per namespace in that table.
 
     Raises:
         ValueError: ``n`` < 100, ``queries`` < 10, or an ``ef_search`` outside 1..1000.
@@ -198,7 +209,7 @@ def run_index_bench(
     import psycopg
 
     from nirvana.cache.embedder import MiniLMEmbedder
-    from nirvana.cache.index import CacheIndex, Space, configure_connection
+    from nirvana.cache.index import DEFAULT_EXACT_SCAN_MAX_ROWS, CacheIndex, Space, configure_connection
 
     if n < 100:
         raise ValueError(f"n must be >= 100, got {n}")
@@ -298,9 +309,80 @@ def run_index_bench(
                         for t in range(len(NAMESPACE_SHARES))
                     }  # fmt: skip
                 res["results"].append(row)
+        # Per-namespace rows and the 1 % row: a separate random stream, so the queries above stay as they were.
+        rng_ns = random.Random(seed + 1)
+        threshold = DEFAULT_EXACT_SCAN_MAX_ROWS if exact_scan_max_rows is None else exact_scan_max_rows
+        res["exact_scan_max_rows"] = threshold
+        res["namespaces"] = []
+        for t, name in enumerate(ns_names):
+            sources = [base[i] for i in range(n_base) if ns_of[i] == t]
+            if not sources:  # only at toy sizes
+                continue
+            space = Space("bench", name, embedder.space, dim)
+            nq = queries if t == tiny else ns_queries
+            row = _namespace_paths(conn, space, x, ids, ns_of == t, sources, nq, rng_ns, embedder, cache_dir, threshold)
+            row["share"] = NAMESPACE_SHARES[t]
+            res["namespaces"].append(row)
+            if t == tiny:
+                res["small_namespace"] = row
     if print_table:
         print(format_index_table(res))
     return res
+
+
+CACHE_EF_SEARCH = 100  # the cache's default ef_search (NIRVANA_CACHE_EF_SEARCH)
+
+
+def _namespace_paths(
+    conn: Any,
+    space: Any,
+    x: np.ndarray,
+    ids: np.ndarray,
+    in_ns: np.ndarray,
+    sources: list[str],
+    n_queries: int,
+    rng: random.Random,
+    embedder: Any,
+    cache_dir: Path | None,
+    threshold: int,
+) -> dict[str, Any]:
+    """Near-duplicate queries of one namespace through both search paths at the cache's ef_search and limit.
+
+    Returns the namespace's rows, the cost of the cache's bounded count, which path the cache takes, the plan of
+    the filtered query (``filtered_plan``: ``hnsw`` or ``btree``), and per path (``filtered``, ``exact``)
+    recall@1 against brute force within the namespace, p50/p99 ms, and queries with no result.
+    """
+    from nirvana.cache.index import CacheIndex
+
+    qtexts = [perturb(sources[rng.randrange(len(sources))], rng) for _ in range(n_queries)]
+    qx = _embed_cached(qtexts, cache_dir, embedder)
+    rows = np.flatnonzero(in_ns)
+    truth = ids[rows[(qx @ x[rows].T).argmax(1)]]
+    t = time.perf_counter()
+    count = CacheIndex.count_rows_on(conn, space, threshold + 1)
+    count_ms = (time.perf_counter() - t) * 1000
+    plan = CacheIndex.nearest_on(conn, space, space.dim, qx[0], ef_search=CACHE_EF_SEARCH, explain=True)
+    out: dict[str, Any] = {
+        "namespace": space.tenant,
+        "rows": len(rows),
+        "queries": n_queries,
+        "count_ms": round(count_ms, 3),
+        "cache_path": "exact" if count <= threshold else "hnsw",
+        "filtered_plan": "hnsw" if plan[0][1] else "btree",
+    }
+    for path in ("filtered", "exact"):
+        lat: list[float] = []
+        hits = empty = 0
+        for j in range(n_queries):
+            t = time.perf_counter()
+            got = CacheIndex.nearest_on(conn, space, space.dim, qx[j], ef_search=CACHE_EF_SEARCH, limit=4,
+                                        exact=path == "exact")  # fmt: skip
+            lat.append((time.perf_counter() - t) * 1000)
+            hits += bool(got) and got[0][0] == truth[j]
+            empty += not got
+        out[path] = {"recall_at_1": round(hits / n_queries, 4), "p50_ms": round(statistics.median(lat), 3),
+                     "p99_ms": round(_pct(lat, 0.99), 3), "empty": empty}  # fmt: skip
+    return out
 
 
 def format_index_table(res: dict[str, Any]) -> str:
@@ -320,6 +402,29 @@ def format_index_table(res: dict[str, Any]) -> str:
         )
     if plans:
         lines.append(f"filtered plans (namespace shares {res['namespace_shares']}): {plans}")
+    if res.get("namespaces"):
+        lines.append(
+            f"per namespace, ef_search {CACHE_EF_SEARCH}, limit 4 (cache: exact at <= {res['exact_scan_max_rows']} "
+            "rows); recall@1 and p50 / p99 ms per path:"
+        )
+        lines.append(f"{'ns':>4} {'share':>6} {'rows':>8} {'count ms':>9} {'cache':>6} {'filtered (plan)':>16} "
+                     f"{'p50 / p99':>14} {'exact':>7} {'p50 / p99':>14} {'queries':>8}")  # fmt: skip
+        for r in res["namespaces"]:
+            h, e = r["filtered"], r["exact"]
+            lines.append(
+                f"{r['namespace']:>4} {r['share']:>6.2f} {r['rows']:>8} {r['count_ms']:>9.2f} {r['cache_path']:>6} "
+                f"{h['recall_at_1']:>8.3f} ({r['filtered_plan']:>5}) {h['p50_ms']:>6.2f} / {h['p99_ms']:<5.2f} "
+                f"{e['recall_at_1']:>7.3f} {e['p50_ms']:>6.2f} / {e['p99_ms']:<5.2f} {r['queries']:>8}"
+            )
+    if res.get("small_namespace"):
+        sn = res["small_namespace"]
+        used = sn[sn["cache_path"]]
+        lines.append(
+            f"1 % namespace ({sn['rows']} rows, {sn['queries']} queries): cache ({sn['cache_path']}) recall@1 "
+            f"{used['recall_at_1']:.3f}, p50 {used['p50_ms']:.2f} ms, p99 {used['p99_ms']:.2f} ms; filtered "
+            f"({sn['filtered_plan']}) {sn['filtered']['recall_at_1']:.3f} ({sn['filtered']['p50_ms']:.2f} / "
+            f"{sn['filtered']['p99_ms']:.2f} ms)"
+        )
     return "\n".join(lines)
 
 

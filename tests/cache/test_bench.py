@@ -36,15 +36,33 @@ def test_prompts_and_perturbations() -> None:
 
 def test_index_bench_small(pg_server, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
     res = run_index_bench(
-        300, ef_values=(10, 40), queries=20, database_url=pg_server.url(), embedder=CharNgramEmbedder()
+        300, ef_values=(10, 40), queries=20, database_url=pg_server.url(), embedder=CharNgramEmbedder(), ns_queries=10
     )
     out = capsys.readouterr().out
     assert "recall@1" in out and "ef_search" in out
     assert len(res["results"]) == 4 and {r["filter"] for r in res["results"]} == {False, True}
     assert all(0 <= r["recall_at_1"] <= 1 and r["p99_ms"] >= r["p50_ms"] > 0 for r in res["results"])
     assert json.loads(main_json(res))["n"] == 300
+    # Per namespace, both search paths; the exact one is brute force within the namespace.
+    assert {r["namespace"] for r in res["namespaces"]} <= {"t0", "t1", "t2", "t3", "t4"} and res["namespaces"]
+    for r in res["namespaces"]:
+        assert r["cache_path"] == ("exact" if r["rows"] <= res["exact_scan_max_rows"] else "hnsw")
+        assert r["exact"]["recall_at_1"] >= 0.9 and r["exact"]["empty"] == 0
+        assert 0 <= r["filtered"]["recall_at_1"] <= 1 and r["filtered"]["p99_ms"] >= r["filtered"]["p50_ms"] > 0
+        assert r["filtered_plan"] in ("hnsw", "btree")
     with pytest.raises(ValueError, match="n must be"):
         run_index_bench(10)
+
+
+def test_index_bench_small_namespace_row(pg_server, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
+    """The 1 % row: ``queries`` near-duplicates of the 1 % namespace's prompts, through the cache's path."""
+    res = run_index_bench(
+        3000, ef_values=(40,), queries=20, database_url=pg_server.url(), embedder=CharNgramEmbedder(), ns_queries=5
+    )
+    sn = res["small_namespace"]
+    assert sn["namespace"] == "t4" and sn["share"] == 0.01 and sn["queries"] == 20 and 10 <= sn["rows"] <= 60
+    assert sn["cache_path"] == "exact" and sn["exact"]["recall_at_1"] >= 0.95
+    assert "1 % namespace" in capsys.readouterr().out
 
 
 def test_codecs_bench_skips_without_bundled_model_and_runs_on_tiny(capsys: pytest.CaptureFixture[str]) -> None:
