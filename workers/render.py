@@ -33,12 +33,13 @@ def _keep_registered(pool: object, model: served.ServedModel, every_s: float = 1
             log.warning("served-model heartbeat failed: %s", e)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, fault_hooks: object = None) -> None:
+    """Run the worker; ``fault_hooks`` only from the fault suite's entry point (``tests/faults/render_worker.py``)."""
     args = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     s = runtime.settings()
     # The queue name is the loaded model's key: load first, then build the app that declares the queue.
-    renderer = runtime.load_renderer()
+    renderer = runtime.load_renderer(fault_hooks)
     model = renderer.model
     app = make_celery(s, render_queues=[model.queue])
     runtime.set_app(app)

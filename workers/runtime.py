@@ -82,13 +82,14 @@ def maintenance() -> Any:
     return _state["maintenance"]
 
 
-def load_renderer() -> Any:
-    """Load the configured model once (this process) and build the renderer; returns it."""
+def load_renderer(fault_hooks: Any = None) -> Any:
+    """Load the configured model once (this process) and build the renderer; returns it.
+
+    ``fault_hooks``: only the fault suite's test entry point (``tests/faults/render_worker.py``) passes them."""
     from nirvana.cache.embedder import MiniLMEmbedder
     from nirvana.engine.core import EngineCore
     from nirvana.engine.loader import load_model
     from nirvana.engine.loop import EngineLoop
-    from nirvana.service import faults
     from nirvana.service.models import ServedModel, served_name
     from nirvana.service.pipeline import Renderer
 
@@ -108,11 +109,10 @@ def load_renderer() -> Any:
     KPolicy.load(s.cache_policy_table, model_key=comps.model_key())  # refuse a table of another model at start
     # One loop thread owns the model and batches every job in flight (the Celery pool runs one thread per job).
     engine: Any = EngineLoop(EngineCore(comps, max_batch=s.render_max_batch), s.render_max_wait_ms).start()
-    hooks = faults.from_env()  # test-only fault injection; None unless NIRVANA_FAULT_INJECTION=1
-    if hooks is not None:
-        log.warning("FAULT INJECTION ENABLED (%s=1): test-only hooks active in this render worker", faults.ENABLE_ENV)
-        engine = hooks.wrap_engine(engine)
-    _state["renderer"] = Renderer(s, store(), cache(embedder), engine, model, sender(), fault_hook=hooks)
+    if fault_hooks is not None:
+        log.warning("FAULT INJECTION ENABLED: test-only hooks active in this render worker")
+        engine = fault_hooks.wrap_engine(engine)
+    _state["renderer"] = Renderer(s, store(), cache(embedder), engine, model, sender(), fault_hook=fault_hooks)
     return _state["renderer"]
 
 

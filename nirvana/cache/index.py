@@ -330,9 +330,10 @@ class CacheIndex:
         """Exact search of one namespace: (up to ``limit`` (prompt_id, similarity) best first, the namespace's
         row count).
 
-        The rows are read through the namespace btree (or a sequential scan if the planner prefers) in a
-        materialized CTE, so the HNSW index cannot serve the ORDER BY: the answer is the true nearest (ties by
-        id) whatever the namespace's share of the table. The count comes with it at no extra scan.
+        The rows are read through the namespace btree in a materialized CTE, so the HNSW index cannot serve the
+        ORDER BY: the answer is the true nearest (ties by id) whatever the namespace's share of the table. The
+        count comes with it at no extra scan. Sequential scans are off for the query (``SET LOCAL``): with stale
+        statistics (a namespace evicted from large to small) the planner could otherwise read the whole table.
         """
         if not 1 <= limit <= 1000:
             raise ValueError(f"limit must be in 1..1000, got {limit}")
@@ -346,10 +347,12 @@ class CacheIndex:
             "SELECT id, dist, (SELECT count(*) FROM c) FROM c ORDER BY dist, id LIMIT %(lim)s"
         )
         params = {"q": q, "lim": limit, "mk": space.model_key, "t": space.tenant, "es": space.embed_space}
-        if explain:
-            plan = "\n".join(r[0] for r in conn.execute("EXPLAIN " + sql, params))  # type: ignore[call-overload]
-            return [(0, 1.0 if f"cache_prompts_hnsw_{d}" in plan else 0.0)], 0
-        rows = conn.execute(sql, params).fetchall()  # type: ignore[call-overload]
+        with conn.pipeline(), conn.transaction():  # one round trip, as nearest_on
+            conn.execute("SELECT set_config('enable_seqscan', 'off', true)")
+            if explain:
+                plan = "\n".join(r[0] for r in conn.execute("EXPLAIN " + sql, params))  # type: ignore[call-overload]
+                return [(0, 1.0 if f"cache_prompts_hnsw_{d}" in plan else 0.0)], 0
+            rows = conn.execute(sql, params).fetchall()  # type: ignore[call-overload]
         if not rows:
             return [], 0
         return [(int(r[0]), 1.0 - float(r[1])) for r in rows], int(rows[0][2])

@@ -168,8 +168,8 @@ class Renderer:
         self.model = model
         self.sender = sender
         self.name = name or worker_name("render")
-        # Test-only fault injection (nirvana.service.faults; None unless NIRVANA_FAULT_INJECTION=1): called as
-        # fault_hook(point, job) at "step", "rendered" and "recorded".
+        # Test-only fault injection (tests/faults/hooks.py, passed only by the fault suite's worker entry point):
+        # called as fault_hook(point, job) at "step", "rendered", "stored" and "recorded".
         self.fault_hook = fault_hook
         self.record_retry_delays_s: tuple[float, ...] = (0.2, 1.0, 3.0)  # a transient record error gets retries
 
@@ -270,6 +270,8 @@ class Renderer:
                 hook("rendered", info)
             png = png_bytes(to_pil(res.image.unsqueeze(0))[0])
             ref = self.cache.store.put_bytes(image_key(plan.tenant, job_id, attempts), png, "png")
+            if hook is not None:
+                hook("stored", info)
             ok = self.store.finish(job_id, attempts, ref.uri, len(png), res.start_step, res.steps_run, res.seconds)
         except GenerationCancelled:
             self.store.mark_cancelled(job_id, attempts)

@@ -125,6 +125,7 @@ class StackConfig:
     beat: bool = True
     fast_postgres: bool = False
     env: dict[str, str] = field(default_factory=dict)
+    render_module: str = "workers.render"  # what render workers run (`python -m`); the fault suite runs its own
     ready_timeout_s: float = 600.0  # slow, contended machines need minutes to import torch in 3 processes
 
 
@@ -210,7 +211,7 @@ class Stack:
         """Start one more render worker on the same queue (e.g. to scale out, or in tests)."""
         n = sum(1 for p in self.procs if p.name.startswith("render"))
         name = f"render-{n + 1}"
-        return self._spawn(name, [sys.executable, "-m", "workers.render"], {"NIRVANA_WORKER_NAME": name})
+        return self._spawn(name, [sys.executable, "-m", self.cfg.render_module], {"NIRVANA_WORKER_NAME": name})
 
     # ------------------------------------------------------------------ outages (maintenance, fault tests)
     def stop_postgres(self) -> None:

@@ -2,8 +2,8 @@
 
 One real stack for the whole package — its own embedded Postgres and Redis (so the tests can stop and restart
 them), a router with beat, two render workers serving the tiny random SD pipeline, and uvicorn — with the
-test-only fault hooks of ``nirvana.service.faults`` switched on (``NIRVANA_FAULT_INJECTION=1``). A supervisor
-thread restarts render workers that die (as ``nirvana up`` does), counting the restarts.
+test-only fault hooks of ``tests/faults/hooks.py`` installed (render workers run ``tests.faults.render_worker``).
+A supervisor thread restarts render workers that die (as ``nirvana up`` does), counting the restarts.
 
 Two sizes: ``make test`` (plain ``pytest``) runs the tests here at CI size and skips those marked ``slow`` (the
 worker-death tests: every death costs a worker restart); ``make test-faults`` (``pytest -m faults``) or
@@ -87,8 +87,6 @@ FAULT_ENV = {
     "NIRVANA_RATE_LIMIT_REQUESTS_BURST": "1000000",
     "NIRVANA_RATE_LIMIT_JOBS_PER_S": "100000",
     "NIRVANA_RATE_LIMIT_JOBS_BURST": "1000000",
-    # TEST-ONLY fault hooks (nirvana/service/faults.py): prompt markers crash workers or select the fake engine.
-    "NIRVANA_FAULT_INJECTION": "1",
 }
 
 
@@ -198,6 +196,8 @@ def fault_stack(fault_model_dir: Path) -> Iterator[FaultStack]:
         render_workers=2,
         fast_postgres=True,
         env=env,
+        # TEST-ONLY fault hooks (tests/faults/hooks.py): prompt markers crash workers or select the fake engine.
+        render_module="tests.faults.render_worker",
         ready_timeout_s=600,
     )
     with Stack(cfg) as s:

@@ -1,14 +1,16 @@
-"""Fault-injection hooks for the reliability suite (``tests/faults``, docs/RELIABILITY.md). TEST-ONLY, OFF BY DEFAULT.
+"""Fault-injection hooks for the reliability suite (``tests/faults``, docs/RELIABILITY.md). TEST-ONLY.
 
-Nothing here runs unless a render worker is started with ``NIRVANA_FAULT_INJECTION=1``; without it
-``from_env()`` returns None and the worker renders exactly as in production. When enabled, behaviour is selected
-per job by markers in the prompt text, so one deployment can serve faulty and healthy jobs side by side:
+This module is not part of the installed package: only the test entry point ``python -m
+tests.faults.render_worker`` loads it (the fault suite's stack runs its render workers with it); the production
+worker (``python -m workers.render``) never imports it, so no prompt text can trigger anything in production.
+Behaviour is selected per job by markers in the prompt text, so one deployment can serve faulty and healthy jobs
+side by side:
 
 * ``[fault:crash@step]`` — the worker kills itself with SIGKILL (as ``kill -9``) at the first denoising step of
   every attempt: a poison job, which must end ``failed`` after ``max_attempts`` renders.
 * ``[fault:crash-once@step]`` — the same, on the job's first attempt only.
-* ``[fault:crash-once@record]`` — SIGKILL on the first attempt after the cache record was written and before the
-  job row is finished (the window where a redelivery could double-count a hit).
+* ``[fault:crash-once@image]`` — SIGKILL on the first attempt after the job's image object was written and before
+  the job row is finished (the window where a redelivery renders again: one visible result, one cache record).
 * ``[fake-engine]`` — the job is rendered by :class:`FakeEngine` (a seeded noise image, no model call, no cached
   states) instead of the loaded model: the load test measures the service, not the model.
 
@@ -29,20 +31,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-ENABLE_ENV = "NIRVANA_FAULT_INJECTION"
 STATE_DIR_ENV = "NIRVANA_FAULT_STATE_DIR"
 LEDGER_ENV = "NIRVANA_FAULT_LEDGER"
 FAKE_STEP_ENV = "NIRVANA_FAULT_FAKE_STEP_S"
 
 FAKE_ENGINE_MARKER = "[fake-engine]"
-_CRASH = re.compile(r"\[fault:crash(-once)?@(step|record)\]")
-# Renderer hook points: "step" (after each denoising step), "rendered" (the engine returned), "recorded" (the
-# cache record is written; the job row is not finished yet).
-_POINT_OF = {"step": "step", "record": "recorded"}
+_CRASH = re.compile(r"\[fault:crash(-once)?@(step|image)\]")
+# Renderer hook points: "step" (after each denoising step), "rendered" (the engine returned), "stored" (the image
+# object is written; the job row is not finished yet), "recorded" (the job is done and the cache record made).
+_POINT_OF = {"step": "step", "image": "stored"}
 
 
 def crash_marker(point: str = "step", once: bool = False) -> str:
-    """The prompt marker that crashes a render worker at ``point`` (``step`` or ``record``)."""
+    """The prompt marker that crashes a render worker at ``point`` (``step`` or ``image``)."""
     if point not in _POINT_OF:
         raise ValueError(f"point must be one of {sorted(_POINT_OF)}, got {point!r}")
     return f"[fault:crash{'-once' if once else ''}@{point}]"
@@ -88,18 +89,16 @@ class FaultHooks:
         return FakeEngine(engine, self.fake_step_s)
 
 
-def from_env(env: dict[str, str] | None = None) -> FaultHooks | None:
-    """The hooks configured by the environment, or None (the default: fault injection off)."""
+def from_env(env: dict[str, str] | None = None) -> FaultHooks:
+    """The hooks, configured by the environment (state dir, ledger, fake step time)."""
     env = dict(os.environ if env is None else env)
-    if env.get(ENABLE_ENV, "").strip().lower() not in ("1", "true", "yes"):
-        return None
     state = Path(env.get(STATE_DIR_ENV) or Path(tempfile.gettempdir()) / "nirvana-faults")
     ledger = env.get(LEDGER_ENV)
     return FaultHooks(state, Path(ledger) if ledger else None, float(env.get(FAKE_STEP_ENV) or 0.0))
 
 
 class FakeEngine:
-    """TEST-ONLY stand-in for ``DiffusionEngine.generate`` on prompts carrying ``[fake-engine]``: a seeded noise
+    """TEST-ONLY stand-in for ``EngineLoop.run`` on prompts carrying ``[fake-engine]``: a seeded noise
     image of the requested size, no captured states, the callback called once per step. Other prompts are
     rendered by the wrapped engine."""
 

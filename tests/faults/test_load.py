@@ -2,7 +2,7 @@
 outstanding. 0 lost, 0 duplicated; queue latency percentiles printed.
 
 The engine is replaced by a FAKE ENGINE IN THIS TEST ONLY (``[fake-engine]`` prompts, see
-``nirvana.service.faults.FakeEngine``: a seeded noise image, no model call), so the test measures the service —
+``tests/faults/hooks.py``'s ``FakeEngine``: a seeded noise image, no model call), so the test measures the service —
 API, Postgres, Redis, router, render workers, storage — not the model. One job in ten uses the cache (a small set
 of repeated prompts: exact-tier hits served by the router, no render).
 """

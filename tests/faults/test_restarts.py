@@ -134,6 +134,9 @@ def test_broker_and_database_restarts_under_steady_load(fault_stack: Any) -> Non
     during_redis = [m for t, s, m in load.answers if s == 503 and t_redis <= t < t_redis_back + 5]
     during_pg = [m for t, s, m in load.answers if s == 503 and t_pg <= t < t_pg_back + 10]
     assert all("broker" in m or "database" in m for _, s, m in load.answers if s == 503)
+    # The steady load ran into each outage, and each 503 named what was down.
+    assert during_redis and all("broker" in m for m in during_redis), during_redis[:3]
+    assert during_pg and all("database" in m for m in during_pg), during_pg[:3]
     # The API, router and render workers were never restarted: they recovered by themselves.
     assert {p.name: p.proc.pid for p in fs.stack.procs if p.proc is not None} == procs_before
     print(

@@ -2,10 +2,13 @@
 job reads its cached state. Every fault is detected (checksums; an unreadable object is a miss) and the job
 falls back to full generation and succeeds.
 
-* Library level (``ApproximateCache`` on the session's real Postgres): each trial seeds an entry, looks up the
-  job that will resume from it, injects one fault into exactly the object that lookup chose, then runs the
-  render worker's cache path (load → fall back → generate → record). A file store takes the six corruption
-  kinds; a real S3 endpoint (moto's server, stopped for the outage) takes the endpoint-down trials.
+* Worker path, in process (the session's real Postgres, a file store, tiny SD behind the engine loop): each
+  trial renders a source job through ``Router.route`` + ``Renderer.render``, injects one fault into exactly the
+  object the next job's lookup will choose (the source's image for an exact repeat, its K state for a near
+  prompt), then routes and renders that job with the production code: the fault must be detected and the job
+  finish from noise, rendered once. The six corruption kinds rotate.
+* Library level, S3: a real S3 endpoint (moto's server; the worker's client pointed at a refusing port) takes the
+  endpoint-down trials between lookup and read.
 * Stack level: the same kinds through the real services (router, render worker, file store), smaller in number.
 """
 
@@ -90,41 +93,96 @@ def _finish(cache: ApproximateCache, job: str, req: CacheRequest) -> None:
     assert out["recorded"] and out["states"] == len(KS), out
 
 
-def test_storage_faults_library_level_every_job_succeeds(new_database: Any, tmp_path: Path, scale: Any) -> None:
+def test_storage_faults_through_the_render_worker_every_job_succeeds(
+    new_database: Any, tmp_path: Path, scale: Any
+) -> None:
+    from nirvana.config import Settings
+    from nirvana.engine.core import EngineCore
+    from nirvana.engine.loader import load_model
+    from nirvana.engine.loop import EngineLoop
+    from nirvana.engine.tiny import build_tiny_sd
+    from nirvana.service.jobs import JobStore, NewJob
+    from nirvana.service.models import ServedModel
+    from nirvana.service.pipeline import Renderer, Router
+    from tests.service.test_plan import RecordingSender
+
     n = scale.storage_faults - DOWN_FAULTS
+    steps = 6  # cached_steps(6) = [1, 2, 3]: a 0.97-similar prompt resumes the k = 3 state
     rng = np.random.default_rng(7)
-    cache = make_cache(new_database(), LatentStore(str(tmp_path / "blobs")), budget_bytes=10**12)
-    ns = Namespace("faults-lib-32x32-ddim", "storage")
+    url = new_database()
+    comps = load_model(str(build_tiny_sd(tmp_path / "tiny-sd")), device="cpu")
+    model = ServedModel.from_components("tiny", "tiny", comps)
+    settings = Settings(database_url=url, cache_novelty_gate=False)
+    store = JobStore.connect(url, max_size=4)
+    cache = make_cache(url, LatentStore(str(tmp_path / "blobs")), budget_bytes=10**12, eviction="lru")
+    sender = RecordingSender()
+    loop = EngineLoop(EngineCore(comps, max_batch=4)).start()
+    router = Router(settings, store, cache, sender)
+    renderer = Renderer(settings, store, cache, loop, model, sender, name="render@storage-faults")
+
+    def job(prompt: str, seed: int, emb: np.ndarray) -> str:
+        jid = uuid.uuid4().hex
+        store.create(NewJob(jid, "storage", prompt, "", seed, steps, 1.0, 32, 32, "tiny", model.model_key(32, 32),
+                            model.queue, "auto", jid))  # fmt: skip
+        with store.conn() as c:
+            c.execute("UPDATE jobs SET embedding = %s WHERE id = %s", (emb.astype(np.float32).tobytes(), jid))
+        return jid
+
     injected: Counter[str] = Counter()
     detected: Counter[str] = Counter()
     failed: list[str] = []
     try:
         for i in range(n):
             kind = KINDS[i % len(KINDS)]
-            src = _seed(cache, ns, unit(rng), f"scene {i}")
-            req = _job_request(kind, src, ns, rng)
-            hit = cache.lookup(req)
-            uri = _target(cache, kind, hit)
+            emb = unit(rng)
+            src = job(f"scene {i}", 1, emb)
+            assert router.route(src) == "miss" and renderer.render(src, 0) == "done"
+            if kind.startswith("image"):  # an exact repeat reads the source's image
+                jid = job(f"scene {i}", 1, emb)
+                uri = _one_id(store, IMAGE_URI_SQL, src)
+            else:  # a near prompt resumes the source's k = 3 state
+                jid = job(f"scene {i}, variant", 2, at_similarity(emb, 0.97, rng))
+                uri = _one_id(store, STATE_URI_SQL, src)
             _corrupt(cache.store, uri, kind, rng)
             injected[kind] += 1
-            job = f"job-{i}"
             try:
-                if _load(cache, hit) is None:
-                    detected[kind] += 1
-                    # The faulty object's rows are dropped: the next lookup does not pick it again.
-                    again = cache.lookup(req)
-                    assert not (again.tier == hit.tier and again.state_id == hit.state_id
-                                and again.image_blob_id == hit.image_blob_id), again  # fmt: skip
-                _finish(cache, job, req)
+                tier = router.route(jid)
+                if tier != "miss":
+                    assert tier == "approximate" and kind.startswith("state"), (kind, tier)
+                    assert renderer.render(jid, 0) == "done"
+                else:  # the router found the image unreadable: a miss it sends to render
+                    assert kind.startswith("image"), (kind, tier)
+                    assert renderer.render(jid, 0) == "done"
+                row = store.get(jid)
+                assert (row["status"], row["attempts"], row["tier"], row["start_step"]) == ("done", 1, "miss", 0), row
+                if kind.startswith("state"):
+                    assert row["cache_fallback"] == "missing", row["cache_fallback"]
+                detected[kind] += 1
             except Exception as e:  # a failed job
                 failed.append(f"{kind}: {type(e).__name__}: {e}")
     finally:
+        loop.stop()
         cache.close()
-    print(f"\nstorage faults (library, file store): {sum(injected.values())} injected {dict(injected)}, "
+        store.close()
+    print(f"\nstorage faults (render worker path, file store): {sum(injected.values())} injected {dict(injected)}, "
           f"{sum(detected.values())} detected, {len(failed)} failed jobs")  # fmt: skip
     assert failed == []
     assert detected == injected
     assert sum(injected.values()) == n
+
+
+IMAGE_URI_SQL = "SELECT b.uri FROM cache_prompts p JOIN cache_blobs b ON b.id = p.image_blob_id WHERE p.job_id = %s"
+STATE_URI_SQL = (
+    "SELECT b.uri FROM cache_states s JOIN cache_blobs b ON b.id = s.blob_id "
+    "JOIN cache_prompts p ON p.id = s.prompt_id WHERE p.job_id = %s AND s.k = 3"
+)
+
+
+def _one_id(store: Any, sql: str, arg: str) -> Any:
+    with store.conn() as c:
+        row = c.execute(sql, (arg,)).fetchone()
+    assert row is not None, (sql, arg)
+    return next(iter(row.values()))
 
 
 def test_storage_endpoint_down_jobs_fall_back(new_database: Any, s3_endpoint: str) -> None:

@@ -13,14 +13,14 @@ from typing import Any
 
 import pytest
 
-from nirvana.service.faults import crash_marker
+from tests.faults.hooks import crash_marker
 
 # Slow (worker restarts: torch import + model load per death): runs under `make test-faults` only.
 pytestmark = [pytest.mark.faults, pytest.mark.slow, pytest.mark.timeout(1800)]
 
 STEPS = 150  # long enough (tiny SD) to catch a render mid-way from outside
 BASE = "a large red circle on a blue background"
-MODES = ("kill-9", "crash-once@step", "crash-once@record")
+MODES = ("kill-9", "crash-once@step", "crash-once@image")
 
 
 def _kill_mid_render(fs: Any, job_id: str, timeout_s: float = 600) -> int:
@@ -73,12 +73,15 @@ def test_killed_workers_every_job_completes_exactly_once(fault_stack: Any, clien
         assert j["attempts"] == 2, (mode, j["attempts"])
         if mode != "kill-9":
             assert crashes[jid] == 1, (mode, crashes[jid])
-        # crash@record rendered twice (the first result was written, then the worker died): one result anyway.
-        assert renders[jid] == (2 if mode == "crash-once@record" else 1), (mode, renders[jid])
+        # crash@image rendered twice (the first image was written, then the worker died): one result anyway.
+        assert renders[jid] == (2 if mode == "crash-once@image" else 1), (mode, renders[jid])
         png = c.image(jid)
         assert png[:8] == b"\x89PNG\r\n\x1a\n"
-        images = list(Path(fs.stack.storage_url).glob(f"jobs/*/*/{jid}.png"))
-        assert len(images) == 1, images
+        # One image object per attempt that got that far, each under its attempt's key; the row shows the last.
+        images = sorted(Path(fs.stack.storage_url).glob(f"jobs/*/*/{jid}*.png"))
+        assert [p.name for p in images][-1] == f"{jid}.a2.png", images
+        assert len(images) == (2 if mode == "crash-once@image" else 1), images
+        assert images[-1].read_bytes() == png
     assert len(killed) == modes.count("kill-9")
     assert sum(fs.restarts.values()) - restarts_before == len(jobs), fs.restarts
 
@@ -98,7 +101,7 @@ def test_killed_workers_every_job_completes_exactly_once(fault_stack: Any, clien
     )
     assert dup_states == []
     # Hit counters: every state's hits equal the number of recorded jobs that resumed from it (no double count
-    # although crash@record trials recorded, died, and recorded again).
+    # although crash@image trials rendered twice).
     approx = [jid for jid in jobs if final[jid]["cache"]["tier"] == "approximate"]
     assert approx, "no trial resumed from a cached state: the hit counters were not exercised"
     mismatched = fs.sql(
