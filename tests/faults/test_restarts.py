@@ -134,9 +134,10 @@ def test_broker_and_database_restarts_under_steady_load(fault_stack: Any) -> Non
     during_redis = [m for t, s, m in load.answers if s == 503 and t_redis <= t < t_redis_back + 5]
     during_pg = [m for t, s, m in load.answers if s == 503 and t_pg <= t < t_pg_back + 10]
     assert all("broker" in m or "database" in m for _, s, m in load.answers if s == 503)
-    # The steady load ran into each outage, and each 503 named what was down.
-    assert during_redis and all("broker" in m for m in during_redis), during_redis[:3]
-    assert during_pg and all("database" in m for m in during_pg), during_pg[:3]
+    # A 503 only while something was down, naming what was down (the load's requests may also have waited the
+    # outage out and been accepted: the probes above check the answer given during it).
+    assert len(during_redis) + len(during_pg) == by_status[503], (during_redis, during_pg, by_status)
+    assert all("broker" in m for m in during_redis) and all("database" in m for m in during_pg)
     # The API, router and render workers were never restarted: they recovered by themselves.
     assert {p.name: p.proc.pid for p in fs.stack.procs if p.proc is not None} == procs_before
     print(
