@@ -355,13 +355,13 @@ class Maintenance:
             out["ledger_rows"] = self.cache.prune_ledger(s.retention_ledger_s)
         uris: list[str] = []
         if s.retention_images_s > 0:
-            found = self.store.expire_images(s.retention_images_s, s.retention_batch)
-            out["job_images"] = len(found)
-            uris += found
+            expired = self.store.expire_images(s.retention_images_s, s.retention_batch)
+            out["job_images"] = len(expired)
+            uris += expired
         if s.retention_jobs_s > 0:
-            found = self.store.delete_finished(s.retention_jobs_s, s.retention_batch)
-            out["job_rows"] = len(found)
-            uris += [u for u in found if u]
+            deleted = self.store.delete_finished(s.retention_jobs_s, s.retention_batch)
+            out["job_rows"] = len(deleted)
+            uris += [u for u in deleted if u]
         if uris and self.cache is not None:
             self.cache.store.delete(uris)  # rows first: an image no row points at is never served
         return out
