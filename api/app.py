@@ -65,7 +65,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         app.state.cache = ApproximateCache.from_settings(settings)
         registry = CollectorRegistry()
-        registry.register(JobsCollector(store.pool))
+        registry.register(JobsCollector(store.pool, jobs_per_render_worker=settings.render_max_batch))
         registry.register(KeyMetrics(app.state.service.keys))
         app.state.registry = registry
 

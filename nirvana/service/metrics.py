@@ -53,8 +53,12 @@ def _buckets(row: Any, buckets: tuple[float, ...]) -> tuple[list[tuple[str, floa
 class JobsCollector(Collector):
     """Collects from ``pool`` (a psycopg pool) on every scrape."""
 
-    def __init__(self, pool: Any) -> None:
+    def __init__(self, pool: Any, jobs_per_render_worker: int = 1, live_s: float = 30.0) -> None:
+        """``jobs_per_render_worker``: ``NIRVANA_RENDER_MAX_BATCH`` (jobs one render worker renders at once, for
+        the backlog estimate); ``live_s``: a worker whose heartbeat is older is not counted."""
         self.pool = pool
+        self.jobs_per_render_worker = max(1, jobs_per_render_worker)
+        self.live_s = live_s
 
     def collect(self) -> Iterator[Any]:
         with self.pool.connection() as c:
@@ -141,6 +145,7 @@ class JobsCollector(Collector):
         yield oh
 
         names = ("missing", "error", "rejected", "record_failed")
+        yield from self._queues()
         f = faults if isinstance(faults, dict) else dict(zip(names, faults, strict=True))
         fb = CounterMetricFamily(
             "nirvana_cache_fallbacks",
@@ -155,3 +160,56 @@ class JobsCollector(Collector):
         )
         rf.add_metric([], float(f["record_failed"]))
         yield rf
+
+    def _queues(self) -> Iterator[Any]:
+        """The autoscaling signal per queue, from Postgres (the source of truth), not from Celery's Redis lists,
+        which miss the tasks workers have already prefetched:
+
+        * ``nirvana_queue_depth``: jobs waiting for or held by the queue's workers — route: queued + routing;
+          render.<key>: routed (in the list or prefetched) + rendering (active);
+        * ``nirvana_queue_workers``: workers whose heartbeat is fresh, per queue they consume;
+        * ``nirvana_render_backlog_seconds``: the steps those render jobs still have to run × the queue's recent
+          seconds per step per job (last 200 finished jobs) ÷ ``jobs_per_render_worker``: seconds one worker
+          would need. Scale render workers on this (docs/SERVICE.md, "Scaling out").
+        """
+        with self.pool.connection() as c:
+            depth = c.execute(
+                "SELECT CASE WHEN status IN ('queued', 'routing') THEN 'route' ELSE render_queue END AS queue, "
+                "count(*) AS n, coalesce(sum(CASE WHEN status IN ('routed', 'rendering') THEN "
+                "greatest(steps - greatest(coalesce(progress_step, 0), coalesce(k, 0)), 0) END), 0) AS steps_left "
+                "FROM jobs WHERE status IN ('queued', 'routing', 'routed', 'rendering') GROUP BY 1"
+            ).fetchall()
+            pace = c.execute(
+                "SELECT render_queue AS queue, sum(engine_s) / nullif(sum(steps_run), 0) AS s_per_step FROM "
+                "(SELECT render_queue, engine_s, steps_run FROM jobs WHERE status = 'done' AND steps_run > 0 "
+                "AND engine_s IS NOT NULL ORDER BY finished_at DESC LIMIT 200) recent GROUP BY render_queue"
+            ).fetchall()
+            workers = c.execute(
+                "SELECT queue, count(*) AS n FROM worker_heartbeats "
+                "WHERE heartbeat_at > now() - make_interval(secs => %s) GROUP BY queue",
+                (self.live_s,),
+            ).fetchall()
+        rows = {str(_col(r, 0, "queue")): (float(_col(r, 1, "n")), float(_col(r, 2, "steps_left"))) for r in depth}
+        s_per_step = {str(_col(r, 0, "queue")): _col(r, 1, "s_per_step") for r in pace}
+        live = {str(_col(r, 0, "queue")): float(_col(r, 1, "n")) for r in workers}
+        queues = sorted(set(rows) | set(live) | {"route"})
+        d = GaugeMetricFamily("nirvana_queue_depth", "Jobs queued, prefetched or running, per queue", labels=["queue"])
+        w = GaugeMetricFamily("nirvana_queue_workers", "Live workers consuming each queue", labels=["queue"])
+        b = GaugeMetricFamily(
+            "nirvana_render_backlog_seconds", "Estimated seconds of render work waiting per queue", labels=["queue"]
+        )
+        for q in queues:
+            n, steps_left = rows.get(q, (0.0, 0.0))
+            d.add_metric([q], n)
+            w.add_metric([q], live.get(q, 0.0))
+            if q.startswith("render."):
+                pace_q = s_per_step.get(q)
+                est = 0.0 if pace_q is None else steps_left * float(pace_q) / self.jobs_per_render_worker
+                b.add_metric([q], est)
+        yield d
+        yield w
+        yield b
+
+
+def _col(row: Any, i: int, name: str) -> Any:
+    return row[name] if isinstance(row, dict) else row[i]

@@ -6,6 +6,8 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+import pytest
+
 from nirvana.service.jobs import JobStore, NewJob
 from nirvana.service.metrics import JobsCollector
 from nirvana.service.plan import CachePlan, SourceState
@@ -51,3 +53,41 @@ def test_gate_verdicts_are_counted_by_tier(new_database: Callable[..., str]) -> 
     assert m[("nirvana_gate_novel_total", (("tier", "miss"),))] == 1
     assert m[("nirvana_gate_novel_total", (("tier", "exact"),))] == 0
     assert m[("nirvana_gate_novel_steps_saved_total", ())] == 20
+
+
+def test_queue_depth_workers_and_backlog(pg_url: str) -> None:
+    """The autoscaling signal counts what Celery's list length misses (prefetched and running jobs) and turns the
+    render backlog into seconds at the queue's recent pace."""
+    from nirvana.service.liveness import beat
+
+    store = JobStore.connect(pg_url, max_size=1)
+    q = f"render.q{uuid.uuid4().hex[:6]}"
+    try:
+
+        def job(status: str, steps: int = 50, k: int = 0, progress: int = 0) -> None:
+            jid = uuid.uuid4().hex
+            store.create(NewJob(jid, "bob", f"p {jid}", "", 1, steps, 7.0, 32, 32, "bundled", "m-32x32-ddim", q,
+                                "auto", jid))  # fmt: skip
+            with store.conn() as c:
+                c.execute(
+                    "UPDATE jobs SET status = %s, k = %s, progress_step = %s, engine_s = %s, steps_run = %s, "
+                    "finished_at = CASE WHEN %s = 'done' THEN now() END WHERE id = %s",
+                    (status, k, progress, 10.0 if status == "done" else None, steps if status == "done" else None,
+                     status, jid),
+                )  # fmt: skip
+
+        job("done")  # recent pace: 10 s / 50 steps = 0.2 s per step per job
+        job("routed")  # in the list or prefetched: 50 steps left
+        job("routed", k=20)  # a hit: 30 steps left
+        job("rendering", progress=40)  # active: 10 steps left
+        beat(store.pool, f"render@{q}", "render", q)
+        samples = {
+            (s.name, s.labels.get("queue")): s.value
+            for fam in JobsCollector(store.pool, jobs_per_render_worker=4).collect()
+            for s in fam.samples
+        }
+        assert samples[("nirvana_queue_depth", q)] == 3
+        assert samples[("nirvana_queue_workers", q)] == 1
+        assert samples[("nirvana_render_backlog_seconds", q)] == pytest.approx(90 * 0.2 / 4)
+    finally:
+        store.close()
