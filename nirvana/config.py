@@ -98,7 +98,13 @@ class Settings(BaseSettings):
         5.0, ge=0, le=10_000, description="an idle render worker waits this long for company before its first step"
     )
     router_threads: int = Field(
-        1, ge=0, description="torch threads of a router (1: a one-prompt embedding gains nothing from more)"
+        1, ge=0, description="torch threads of a router (0: torch default; see docs/BENCHMARKS.md, bench router)"
+    )
+    route_max_batch: int = Field(
+        32, ge=1, le=1024, description="route tasks one router runs at once; their prompts are embedded together"
+    )
+    route_max_wait_ms: float = Field(
+        5.0, ge=0, le=10_000, description="the router's embedding batch waits this long for more prompts"
     )
     progress_interval_s: float = Field(0.25, gt=0, le=10, description="render progress/heartbeat/cancel poll")
     reaper_stale_s: float = Field(60.0, ge=5, description="a rendering job without heartbeat this long is stuck")

@@ -1,7 +1,8 @@
 """Router worker: ``python -m workers.router [--beat] [celery worker options...]``.
 
-Consumes the ``route`` queue (CPU): embeds prompts, runs the cache lookup, serves exact hits and sends the rest
-to their model's render queue. ``--beat`` also runs the beat scheduler in this process (one per deployment).
+Consumes the ``route`` queue (CPU) with ``NIRVANA_ROUTE_MAX_BATCH`` task threads: embeds the prompts of the jobs
+in flight together, runs each job's cache lookup, serves exact hits and sends the rest to their model's render
+queue. ``--beat`` also runs the beat scheduler in this process (one per deployment).
 """
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ def main(argv: list[str] | None = None) -> None:
     def _alive(**_: object) -> None:
         start_heartbeat(store.pool, worker_name("router"), "router", ROUTE_QUEUE)
 
-    argv_w = ["worker", "-Q", ROUTE_QUEUE, "--pool=solo", "--prefetch-multiplier=1", "-n", "router@%h", "-l", "INFO"]
+    # Threads: up to route_max_batch route tasks at once, their prompts embedded in one call (Router docstring).
+    argv_w = ["worker", "-Q", ROUTE_QUEUE, "--pool=threads", f"--concurrency={s.route_max_batch}"]
+    argv_w += ["--prefetch-multiplier=1", "-n", "router@%h", "-l", "INFO"]
     if beat:
         s.data_dir.mkdir(parents=True, exist_ok=True)
         argv_w += ["--beat", "--schedule", str(s.data_dir / "celerybeat-schedule")]

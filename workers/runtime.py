@@ -48,7 +48,9 @@ def store() -> Any:
             if not s.database_url:
                 raise ValueError("database_url must be set (NIRVANA_DATABASE_URL)")
             # A render worker has up to render_max_batch jobs in flight, each claiming, heart-beating, finishing.
-            _state["store"] = JobStore.connect(s.database_url, max_size=max(4, s.render_max_batch // 2 + 2))
+            _state["store"] = JobStore.connect(
+                s.database_url, max_size=max(4, s.render_max_batch // 2 + 2, s.route_max_batch // 4 + 2)
+            )
         return _state["store"]
 
 
@@ -57,7 +59,8 @@ def cache(embedder: Any = None) -> Any:
 
     with _lock:
         if "cache" not in _state:
-            _state["cache"] = ApproximateCache.from_settings(settings(), embedder=embedder)
+            pool = max(4, settings().route_max_batch // 4 + 2)  # a router's task threads look up concurrently
+            _state["cache"] = ApproximateCache.from_settings(settings(), embedder=embedder, pool_size=pool)
         return _state["cache"]
 
 
@@ -68,9 +71,9 @@ def router() -> Any:
         if settings().router_threads:
             import torch
 
-            # One prompt per lookup: extra threads only spin (6x slower embeddings on a busy 2-core machine).
             torch.set_num_threads(settings().router_threads)
-        _state["router"] = Router(settings(), store(), cache(), sender())
+        # Route tasks run on threads; their prompts are embedded together (one model call per micro-batch).
+        _state["router"] = Router(settings(), store(), cache(), sender(), batch_embeddings=True)
     return _state["router"]
 
 

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from nirvana.cache.core import ApproximateCache, CacheRequest, LookupResult
 from nirvana.config import Settings
+from nirvana.service.batcher import MicroBatcher
 from nirvana.service.jobs import JobStore
 from nirvana.service.liveness import prune
 from nirvana.service.models import ServedModel
@@ -52,13 +53,35 @@ def png_bytes(image: Any) -> bytes:
 
 class Router:
     """Routes jobs: exact tier (served here, no render), else a plan (approximate K or miss) sent to the job's
-    render queue."""
+    render queue.
 
-    def __init__(self, settings: Settings, store: JobStore, cache: ApproximateCache, sender: TaskSender) -> None:
+    Thread-safe. With ``batch_embeddings`` (the router worker: ``NIRVANA_ROUTE_MAX_BATCH`` task threads), the
+    prompts of the jobs being routed at once are embedded in one call by a :class:`MicroBatcher`; each job then
+    runs its own exact tier, gate and lookup and gets its own guarded outcome. Two near-duplicates routed in one
+    batch both miss (neither has states yet); the cache learns from both once they are rendered, as it did when
+    they were routed one after the other faster than the first rendered.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: JobStore,
+        cache: ApproximateCache,
+        sender: TaskSender,
+        batch_embeddings: bool = False,
+    ) -> None:
         self.settings = settings
         self.store = store
         self.cache = cache
         self.sender = sender
+        self.embedder: MicroBatcher[str, Any] | None = None
+        if batch_embeddings:
+            self.embedder = MicroBatcher(
+                lambda prompts: list(cache.embed(prompts)), settings.route_max_batch, settings.route_max_wait_ms
+            )
+
+    def _embed(self, prompt: str) -> Any:
+        return self.embedder.submit(prompt) if self.embedder is not None else self.cache.embed([prompt])[0]
 
     def _source_job(self, source_prompt_id: int | None, tenant: str) -> str | None:
         """The job that produced a cached prompt, only when it is the caller's own."""
@@ -94,6 +117,8 @@ class Router:
         if job["cache_mode"] != "off":
             # The steps to capture come from the policy the lookup scales K with: every stored state is askable.
             caps = tuple(self.cache.policy.cached_steps(req.steps))
+            if req.embedding is None:
+                req.embedding = self._embed(req.prompt)
             res = self.cache.lookup(req)
             plan = CachePlan(
                 tier="miss",
@@ -108,7 +133,7 @@ class Router:
                 png = self.cache.load_image(res)
                 if png is not None:
                     return self._serve_exact(job, req, res, png)
-                plan = replace(plan, embedding=self.cache.embed([req.prompt])[0])
+                plan = replace(plan, embedding=self._embed(req.prompt))
             elif res.tier == "approximate" and job["cache_mode"] == "auto":
                 source = SourceState(
                     k=res.k,

@@ -96,3 +96,39 @@ def test_two_checkpoints_of_a_name_coexist(store: JobStore) -> None:
         c.execute("UPDATE served_models SET heartbeat_at = now() - interval '5 min' WHERE checkpoint_id = 'ckpt-new'")
     rows = [r for r in served.list_models(store.pool) if r[0].name == name]
     assert served.current(rows)[name].queue == old.queue
+
+
+def test_router_embeds_the_jobs_in_flight_together(pg_url: str, store: JobStore, tmp_path: Path) -> None:
+    """Route tasks running at once (the router worker's threads) share embedding calls; each job still gets its
+    own outcome, and one job's prompt embedding equals the one-at-a-time embedding."""
+    import threading
+
+    from nirvana.cache.core import ApproximateCache
+    from nirvana.cache.embedder import MiniLMEmbedder
+    from nirvana.cache.policy import KPolicy
+
+    cache = ApproximateCache(pg_url, LatentStore(str(tmp_path / "b")), MiniLMEmbedder(), KPolicy.paper(), pool_size=4)
+    sender = RecordingSender()
+    settings = Settings(database_url=pg_url, route_max_batch=8, route_max_wait_ms=100, cache_novelty_gate=False)
+    router = Router(settings, store, cache, sender, batch_embeddings=True)
+    try:
+        jobs = [_new_job(store) for _ in range(8)]
+        with store.conn() as c:  # distinct prompts, no embeddings yet: the router computes them
+            for i, jid in enumerate(jobs):
+                c.execute("UPDATE jobs SET prompt = %s WHERE id = %s", (f"a red cat number {i}", jid))
+        out: dict[str, str] = {}
+        threads = [threading.Thread(target=lambda j=j: out.__setitem__(j, router.route(j))) for j in jobs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert set(out.values()) == {"miss"} and len(out) == 8
+        assert router.embedder is not None and router.embedder.items == 8 and router.embedder.batches < 8
+        assert sorted(j for _, j, _ in sender.sent) == sorted(jobs)  # one render message per job
+        row = store.get(jobs[3])
+        stored = np.frombuffer(bytes(row["embedding"]), dtype=np.float32)
+        assert np.allclose(stored, cache.embed(["a red cat number 3"])[0], atol=1e-5)
+    finally:
+        assert router.embedder is not None
+        router.embedder.stop()
+        cache.close()
