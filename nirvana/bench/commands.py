@@ -251,6 +251,43 @@ def bench_batching_cmd(
         typer.echo(json.dumps(res, separators=(",", ":")))
 
 
+def bench_router_cmd(
+    batch_sizes: Annotated[
+        str, typer.Option(help="router batch sizes (NIRVANA_ROUTE_MAX_BATCH), comma-separated")
+    ] = "1,32",
+    jobs: Annotated[int, typer.Option(help="jobs per run (a burst, then the same number at --rate)")] = 400,
+    rate: Annotated[float, typer.Option(help="offered prompts/s of the latency run")] = 200.0,
+    router_threads: Annotated[int, typer.Option(help="torch threads of the router (0: torch default)")] = 0,
+    out: Annotated[Path, typer.Option(help="report directory")] = Path("out/bench"),
+    json_out: Annotated[bool, typer.Option("--json", help="last line: one JSON object")] = False,
+) -> None:
+    """Routing through the real path (API, Redis, a router worker process, PostgreSQL + pgvector) at each router
+    batch size: prompts/s, and route latency p50/p99 at a fixed offered rate."""
+    import json
+
+    from rich.console import Console
+
+    from nirvana.bench.router import format_table, run_router_bench
+
+    console = Console(stderr=True)
+    try:
+        with console.status("bench router") as status:
+            res = run_router_bench(
+                _ints(batch_sizes, "--batch-sizes"),
+                jobs=jobs,
+                rate=rate,
+                router_threads=router_threads,
+                progress=lambda m: status.update(f"bench router: {m}"),
+            )
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "router.json").write_text(json.dumps(res, indent=2))
+    typer.echo(format_table(res))
+    if json_out:
+        typer.echo(json.dumps(res, separators=(",", ":")))
+
+
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     """Mount ``index``, ``codecs``, ``trace``, ``gpu`` and ``batching`` under ``bench_app``."""
     bench_app.command("index")(bench_index_cmd)
@@ -258,3 +295,4 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     bench_app.command("trace")(bench_trace_cmd)
     bench_app.command("gpu")(bench_gpu_cmd)
     bench_app.command("batching")(bench_batching_cmd)
+    bench_app.command("router")(bench_router_cmd)

@@ -247,18 +247,27 @@ class Stack:
             raise RuntimeError(f"redis did not restart:\n{self.redis.tail()}") from e
 
     # ------------------------------------------------------------------ lifecycle
-    def start(self) -> Stack:
-        """Start everything and wait until ready. Raises RuntimeError (with the failing part's log tail)."""
+    def start_services(self) -> Stack:
+        """Only the embedded PostgreSQL (migrated) and Redis, for tools that run their own workers (benchmarks)."""
         from nirvana.cache.migrate import migrate
 
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._started = True
-        t0 = time.monotonic()
         if not self.database_url:
             self._start_postgres()
         migrate(self.database_url)
         if not self.broker_url:
             self._start_redis()
+        return self
+
+    def spawn(self, name: str, argv: list[str], extra_env: dict[str, str] | None = None) -> Managed:
+        """Start a supervised child with the stack's environment (stopped with the stack)."""
+        return self._spawn(name, argv, extra_env)
+
+    def start(self) -> Stack:
+        """Start everything and wait until ready. Raises RuntimeError (with the failing part's log tail)."""
+        t0 = time.monotonic()
+        self.start_services()
         port = self.cfg.api_port or free_port(self.cfg.api_host)
         self.api_url = f"http://{self.cfg.api_host}:{port}"
         self._spawn(

@@ -1,0 +1,204 @@
+"""``nirvana bench router``: routing throughput and latency through the real router path, batch 1 vs batched.
+
+One embedded PostgreSQL (+ pgvector) and Redis; for each router batch size a real ``python -m workers.router``
+process (``NIRVANA_ROUTE_MAX_BATCH`` = that size) and the real API (uvicorn) in front. Jobs are submitted through
+``POST /v1/batches`` (the API enqueues one route task per job, as for any client); a served model is registered
+whose render queue nobody consumes, so what is measured is routing alone: claim, embedding, exact tier, gate,
+pgvector lookup, plan, render message. Timestamps come from the jobs table (``created_at`` → ``routed_at``).
+
+Per batch size, two runs on prompts of the dreambot trace (read from the evaluation data, never copied; the demo
+world's prompts when it is absent): **throughput** (``--jobs`` submitted at once; prompts/s from the first
+``created_at`` to the last ``routed_at``) and **latency at load** (``--jobs`` more, submitted in batches of 10 at
+a fixed offered rate, ``--rate`` prompts/s; p50/p99 of routed_at − created_at).
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+
+def bench_prompts(n: int, seed: int = 0) -> tuple[list[str], str]:
+    """``n`` prompts in trace order (cycled if the trace is shorter) and where they came from."""
+    from nirvana.bench.trace import default_trace_files, read_trace
+
+    files = default_trace_files()
+    if files:
+        reqs, _ = read_trace(files[0], limit=n)
+        prompts = [r.prompt for r in reqs]
+        return [prompts[i % len(prompts)] for i in range(n)], files[0].name
+    from nirvana.service.workload import generate
+
+    return [r.prompt for r in generate(n, seed)], "demo workload (no trace data on this machine)"
+
+
+def _pct(xs: list[float], q: float) -> float | None:
+    if not xs:
+        return None
+    s = sorted(xs)
+    return round(s[min(len(s) - 1, max(0, round(q / 100 * len(s) + 0.5) - 1))], 4)
+
+
+def _wait_routed(pool: Any, batch_ids: list[str], n: int, timeout_s: float) -> list[tuple[float, float]]:
+    """(created, routed) epoch seconds of the batches' jobs once all ``n`` left routing."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with pool.connection() as c:
+            rows = c.execute(
+                "SELECT extract(epoch FROM created_at) AS c, extract(epoch FROM routed_at) AS r, status FROM jobs "
+                "WHERE batch_id = ANY(%s)",
+                (batch_ids,),
+            ).fetchall()
+        left = [r for r in rows if r["status"] in ("queued", "routing")]
+        if len(rows) == n and not left:
+            return [(float(r["c"]), float(r["r"])) for r in rows if r["r"] is not None]
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{len(left)} of {n} jobs still not routed after {timeout_s:.0f} s")
+        time.sleep(0.2)
+
+
+def run_router_bench(
+    batch_sizes: Sequence[int] = (1, 32),
+    jobs: int = 400,
+    rate: float = 200.0,
+    router_threads: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Measure each router batch size (see the module docstring). Raises ``ValueError`` for bad options."""
+    if jobs < 10:
+        raise ValueError(f"--jobs must be >= 10, got {jobs}")
+    if rate <= 0:
+        raise ValueError(f"--rate must be > 0, got {rate}")
+    if not batch_sizes or min(batch_sizes) < 1:
+        raise ValueError(f"--batch-sizes must be integers >= 1, got {list(batch_sizes)}")
+    from nirvana.service.client import Client
+    from nirvana.service.jobs import make_pool
+    from nirvana.service.keys import create_key
+    from nirvana.service.models import ServedModel, register
+    from nirvana.service.stack import Stack, StackConfig
+    from nirvana.services.postgres import free_port
+
+    say = progress or (lambda _m: None)
+    prompts, source = bench_prompts(2 * jobs * len(batch_sizes))
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="nirvana-bench-router-") as tmp:
+        env = {
+            "NIRVANA_CACHE_NOVELTY_GATE": "false",
+            "NIRVANA_ROUTER_THREADS": str(router_threads),
+            "NIRVANA_RATE_LIMIT_JOBS_PER_S": "0",
+            "NIRVANA_RATE_LIMIT_REQUESTS_PER_S": "0",
+            "NIRVANA_REAPER_REQUEUE_S": "3600",
+        }
+        stack = Stack(StackConfig(data_dir=Path(tmp), fast_postgres=True, env=env, beat=False))
+        stack.start_services()
+        pool = make_pool(stack.database_url, max_size=2, name="bench-router")
+        try:
+            model = ServedModel("bench", "bench", "bench@router", "ddim", 32, 32, 8, 1.0, "render.bench-router")
+            register(pool, model)
+            key = create_key(pool, "bench-router", name="bench router")
+            port = free_port()
+            api = stack.spawn("api", [sys.executable, "-m", "uvicorn", "api.app:create_app", "--factory",
+                                      "--host", "127.0.0.1", "--port", str(port), "--no-access-log"])  # fmt: skip
+            client = Client(f"http://127.0.0.1:{port}", key, timeout_s=120)
+            _wait_http(f"http://127.0.0.1:{port}", api)
+            used = 0
+            for b in batch_sizes:
+                say(f"router batch {b}: starting the worker")
+                router = stack.spawn(f"router-b{b}", [sys.executable, "-m", "workers.router"],
+                                     {"NIRVANA_ROUTE_MAX_BATCH": str(b)})  # fmt: skip
+                _wait_router(pool, router)
+                # Throughput: everything at once.
+                chunk = prompts[used : used + jobs]
+                used += jobs
+                t0 = time.time()
+                ids = [client.submit_batch([{"prompt": p, "steps": 50, "seed": i} for i, p in enumerate(chunk)])["id"]]
+                times = _wait_routed(pool, ids, jobs, 900)
+                wall = max(r for _, r in times) - min(c for c, _ in times)
+                thr = jobs / wall
+                say(f"router batch {b}: {thr:.1f} prompts/s")
+                # Latency at a fixed offered rate, 10 jobs per request.
+                chunk = prompts[used : used + jobs]
+                used += jobs
+                ids = []
+                t_start = time.monotonic()
+                for i in range(0, jobs, 10):
+                    due = t_start + i / rate
+                    time.sleep(max(0.0, due - time.monotonic()))
+                    body = [{"prompt": p, "steps": 50, "seed": i + j} for j, p in enumerate(chunk[i : i + 10])]
+                    ids.append(client.submit_batch(body)["id"])
+                offered = jobs / max(time.monotonic() - t_start, 1e-9)
+                lat = [r - c for c, r in _wait_routed(pool, ids, jobs, 900)]
+                rows.append(
+                    {
+                        "route_max_batch": b,
+                        "prompts_per_s": round(thr, 1),
+                        "burst_wall_s": round(wall, 2),
+                        "offered_rate_per_s": round(offered, 1),
+                        "latency_p50_s": _pct(lat, 50),
+                        "latency_p99_s": _pct(lat, 99),
+                        "latency_mean_s": round(statistics.fmean(lat), 4),
+                        "submit_s": round(time.time() - t0, 1),
+                    }
+                )
+                say(f"router batch {b}: p50 {rows[-1]['latency_p50_s']} s, p99 {rows[-1]['latency_p99_s']} s")
+                router.stop()
+            client.close()
+        finally:
+            pool.close()
+            stack.stop()
+    base = rows[0]["prompts_per_s"]
+    for r in rows:
+        r["ratio_vs_first"] = round(r["prompts_per_s"] / base, 2) if base else None
+    return {"bench": "router", "prompts": source, "jobs_per_run": jobs, "rate": rate, "rows": rows}
+
+
+def _wait_http(url: str, proc: Any, timeout_s: float = 180) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not proc.alive:
+            raise RuntimeError(f"the API exited:\n{proc.tail()}")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError("the API did not answer /healthz")
+
+
+def _wait_router(pool: Any, proc: Any, timeout_s: float = 300) -> None:
+    """Until this process's heartbeat exists (it starts on Celery's worker_ready: the consumer is up)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not proc.alive:
+            raise RuntimeError(f"the router exited:\n{proc.tail()}")
+        with pool.connection() as c:
+            row = c.execute(
+                "SELECT 1 FROM worker_heartbeats WHERE role = 'router' AND name LIKE %s", (f"%:{proc.proc.pid}",)
+            ).fetchone()
+        if row is not None:
+            return
+        time.sleep(0.5)
+    raise TimeoutError("the router did not start")
+
+
+def format_table(res: dict[str, Any]) -> str:
+    lines = [
+        f"router through the real path ({res['prompts']}; {res['jobs_per_run']} jobs per run)",
+        "",
+        "| route max batch | prompts/s (burst) | × first | offered rate | latency p50 / p99 (s) |",
+        "|---|---|---|---|---|",
+    ]
+    for r in res["rows"]:
+        lines.append(
+            f"| {r['route_max_batch']} | {r['prompts_per_s']} | {r['ratio_vs_first']} | {r['offered_rate_per_s']}/s | "
+            f"{r['latency_p50_s']} / {r['latency_p99_s']} |"
+        )
+    return "\n".join(lines)
