@@ -7,9 +7,11 @@ indexed prompts. Ground truth is the exact nearest neighbour (brute force), over
 query's namespace. Namespaces get skewed sizes (50/25/15/9/1 %) so the filter is tested on a small one too.
 
 Per namespace, at the cache's ``ef_search`` (100), fresh near-duplicate queries of that namespace's prompts go
-through both search paths of ``CacheIndex``: ``filtered`` (the query before session 20: ORDER BY distance under
-the namespace filter, the planner choosing the HNSW index with iterative scans or the namespace btree) and
-``exact``, with the path the cache now takes (exact at ≤ ``exact_scan_max_rows`` prompts). The 1 %-namespace
+through ``filtered`` (the query the cache ran before session 20: ORDER BY distance under the namespace filter,
+the planner choosing the HNSW index with iterative scans or the namespace btree), ``hnsw`` (the same query with
+the namespace btrees dropped inside a rolled-back transaction, so it runs through the HNSW index, as the planner
+does for larger namespaces or tables) and ``exact``, with the path the cache now takes (exact at
+≤ ``exact_scan_max_rows`` prompts). The 1 %-namespace
 row (``small_namespace``) does the same with ``queries`` queries in the 1 % namespace: recall@1 and p50/p99.
 
 A fresh database is created for the run (on ``--database-url`` / ``NIRVANA_DATABASE_URL``, or on an embedded
@@ -333,6 +335,17 @@ def run_index_bench(
 CACHE_EF_SEARCH = 100  # the cache's default ef_search (NIRVANA_CACHE_EF_SEARCH)
 
 
+@contextmanager
+def _hnsw_only(conn: Any) -> Iterator[None]:
+    """Inside a transaction that is rolled back: the btree indexes that could serve the namespace filter dropped
+    and sequential scans off, so a filtered nearest-neighbour query can only use the HNSW index."""
+    with conn.transaction(force_rollback=True):
+        conn.execute("DROP INDEX cache_prompts_ns")
+        conn.execute("DROP INDEX cache_prompts_exact")
+        conn.execute("SET LOCAL enable_seqscan = off")
+        yield
+
+
 def _namespace_paths(
     conn: Any,
     space: Any,
@@ -349,9 +362,11 @@ def _namespace_paths(
     """Near-duplicate queries of one namespace through both search paths at the cache's ef_search and limit.
 
     Returns the namespace's rows, the cost of the cache's bounded count, which path the cache takes, the plan of
-    the filtered query (``filtered_plan``: ``hnsw`` or ``btree``), and per path (``filtered``, ``exact``)
-    recall@1 against brute force within the namespace, p50/p99 ms, and queries with no result.
+    the filtered query (``filtered_plan``: ``hnsw`` or ``btree``), and per path (``filtered``, ``hnsw``,
+    ``exact``) recall@1 against brute force within the namespace, p50/p99 ms, and queries with no result.
     """
+    from contextlib import nullcontext
+
     from nirvana.cache.index import CacheIndex
 
     qtexts = [perturb(sources[rng.randrange(len(sources))], rng) for _ in range(n_queries)]
@@ -370,16 +385,20 @@ def _namespace_paths(
         "cache_path": "exact" if count <= threshold else "hnsw",
         "filtered_plan": "hnsw" if plan[0][1] else "btree",
     }
-    for path in ("filtered", "exact"):
+    for path in ("filtered", "hnsw", "exact"):
         lat: list[float] = []
         hits = empty = 0
-        for j in range(n_queries):
-            t = time.perf_counter()
-            got = CacheIndex.nearest_on(conn, space, space.dim, qx[j], ef_search=CACHE_EF_SEARCH, limit=4,
-                                        exact=path == "exact")  # fmt: skip
-            lat.append((time.perf_counter() - t) * 1000)
-            hits += bool(got) and got[0][0] == truth[j]
-            empty += not got
+        with _hnsw_only(conn) if path == "hnsw" else nullcontext():
+            if path == "hnsw":
+                plan = CacheIndex.nearest_on(conn, space, space.dim, qx[0], ef_search=CACHE_EF_SEARCH, explain=True)
+                assert plan[0][1], "the forced path must use the HNSW index"
+            for j in range(n_queries):
+                t = time.perf_counter()
+                got = CacheIndex.nearest_on(conn, space, space.dim, qx[j], ef_search=CACHE_EF_SEARCH, limit=4,
+                                            exact=path == "exact")  # fmt: skip
+                lat.append((time.perf_counter() - t) * 1000)
+                hits += bool(got) and got[0][0] == truth[j]
+                empty += not got
         out[path] = {"recall_at_1": round(hits / n_queries, 4), "p50_ms": round(statistics.median(lat), 3),
                      "p99_ms": round(_pct(lat, 0.99), 3), "empty": empty}  # fmt: skip
     return out
@@ -408,13 +427,15 @@ def format_index_table(res: dict[str, Any]) -> str:
             "rows); recall@1 and p50 / p99 ms per path:"
         )
         lines.append(f"{'ns':>4} {'share':>6} {'rows':>8} {'count ms':>9} {'cache':>6} {'filtered (plan)':>16} "
-                     f"{'p50 / p99':>14} {'exact':>7} {'p50 / p99':>14} {'queries':>8}")  # fmt: skip
+                     f"{'p50 / p99':>15} {'hnsw':>6} {'p50 / p99':>15} {'exact':>6} {'p50 / p99':>15} "
+                     f"{'queries':>8}")  # fmt: skip
         for r in res["namespaces"]:
-            h, e = r["filtered"], r["exact"]
+            f, h, e = r["filtered"], r["hnsw"], r["exact"]
             lines.append(
                 f"{r['namespace']:>4} {r['share']:>6.2f} {r['rows']:>8} {r['count_ms']:>9.2f} {r['cache_path']:>6} "
-                f"{h['recall_at_1']:>8.3f} ({r['filtered_plan']:>5}) {h['p50_ms']:>6.2f} / {h['p99_ms']:<5.2f} "
-                f"{e['recall_at_1']:>7.3f} {e['p50_ms']:>6.2f} / {e['p99_ms']:<5.2f} {r['queries']:>8}"
+                f"{f['recall_at_1']:>8.3f} ({r['filtered_plan']:>5}) {f['p50_ms']:>7.2f} / {f['p99_ms']:<6.2f}"
+                f"{h['recall_at_1']:>6.3f} {h['p50_ms']:>7.2f} / {h['p99_ms']:<6.2f}"
+                f"{e['recall_at_1']:>6.3f} {e['p50_ms']:>7.2f} / {e['p99_ms']:<6.2f} {r['queries']:>8}"
             )
     if res.get("small_namespace"):
         sn = res["small_namespace"]
@@ -423,7 +444,8 @@ def format_index_table(res: dict[str, Any]) -> str:
             f"1 % namespace ({sn['rows']} rows, {sn['queries']} queries): cache ({sn['cache_path']}) recall@1 "
             f"{used['recall_at_1']:.3f}, p50 {used['p50_ms']:.2f} ms, p99 {used['p99_ms']:.2f} ms; filtered "
             f"({sn['filtered_plan']}) {sn['filtered']['recall_at_1']:.3f} ({sn['filtered']['p50_ms']:.2f} / "
-            f"{sn['filtered']['p99_ms']:.2f} ms)"
+            f"{sn['filtered']['p99_ms']:.2f} ms); through HNSW {sn['hnsw']['recall_at_1']:.3f} "
+            f"({sn['hnsw']['p50_ms']:.2f} / {sn['hnsw']['p99_ms']:.2f} ms)"
         )
     return "\n".join(lines)
 
