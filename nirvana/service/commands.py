@@ -454,12 +454,17 @@ def bench_e2e(
     url: Annotated[str | None, typer.Option(help="use a running service")] = None,
     api_key: Annotated[str | None, typer.Option(help="key for --url")] = None,
     data_dir: Annotated[Path | None, typer.Option(help="embedded stack directory")] = None,
-    render_workers: Annotated[int, typer.Option(help="render workers to start")] = 1,
+    render_workers: Annotated[
+        str, typer.Option(help="render worker processes; a comma list (e.g. 1,2) runs each side by side")
+    ] = "1",
     render_max_batch: Annotated[
         int | None,
         typer.Option(
             min=1, max=256, help="requests each render worker denoises together (default NIRVANA_RENDER_MAX_BATCH)"
         ),
+    ] = None,
+    render_threads: Annotated[
+        int | None, typer.Option(min=0, help="torch threads per render worker (default NIRVANA_RENDER_THREADS)")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object last")] = False,
     direct_engine: Annotated[
@@ -472,7 +477,16 @@ def bench_e2e(
 ) -> None:
     """End-to-end service benchmark: the demo workload without the gallery; latency p50/p95/p99 overall and for
     misses, approximate and exact hits, throughput, job wall time minus engine time, and (default) the same jobs
-    through the engine directly in the same run: service / direct = the service's overhead."""
+    through the engine directly in the same run: service / direct = the service's overhead. With several
+    ``--render-workers`` counts, each runs on a fresh stack one after the other and jobs/s are compared."""
+    counts = [int(v) for v in render_workers.split(",") if v.strip()] if render_workers.strip() else []
+    if not counts or min(counts) < 1:
+        raise typer.BadParameter(f"--render-workers must list integers >= 1, got {render_workers!r}")
+    if len(counts) > 1:
+        _bench_e2e_workers(counts, requests, concurrency, seed, steps, model, render_max_batch, render_threads, as_json)
+        return
+    if render_threads is not None:
+        os.environ["NIRVANA_RENDER_THREADS"] = str(render_threads)
     demo(
         requests=requests,
         concurrency=concurrency,
@@ -484,10 +498,57 @@ def bench_e2e(
         url=url,
         api_key=api_key,
         data_dir=data_dir,
-        render_workers=render_workers,
+        render_workers=counts[0],
+        render_max_batch=render_max_batch,
         as_json=as_json,
         direct_engine=direct_engine,
     )
+
+
+def _bench_e2e_workers(
+    counts: list[int],
+    requests: int,
+    concurrency: int,
+    seed: int,
+    steps: int | None,
+    model: str | None,
+    render_max_batch: int | None,
+    render_threads: int | None,
+    as_json: bool,
+) -> None:
+    """One ``nirvana demo --json`` per render-worker count (each its own fresh stack, same workload and seed), then
+    jobs/s side by side."""
+    import subprocess
+    import sys
+
+    rows = []
+    for n in counts:
+        argv = [sys.executable, "-m", "nirvana.cli", "demo", "--json", "--gallery", "0", "--requests", str(requests),
+                "--concurrency", str(concurrency), "--seed", str(seed), "--render-workers", str(n),
+                "--out", f"out/bench-e2e/workers-{n}"]  # fmt: skip
+        argv += [] if steps is None else ["--steps", str(steps)]
+        argv += [] if model is None else ["--model", model]
+        argv += [] if render_max_batch is None else ["--render-max-batch", str(render_max_batch)]
+        env = dict(os.environ)
+        if render_threads is not None:
+            env["NIRVANA_RENDER_THREADS"] = str(render_threads)
+        typer.echo(f"render workers {n}: running the demo workload ...", err=True)
+        out = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
+        if out.returncode != 0:
+            _err(f"demo with {n} render workers failed:\n{out.stderr[-2000:]}")
+        s = json.loads(out.stdout.strip().splitlines()[-1])
+        rows.append({"render_workers": n, **{k: s[k] for k in ("throughput_jobs_per_s", "p50_s", "p95_s", "hit_rate",
+                                                                 "completed", "failed")}})  # fmt: skip
+    base = rows[0]["throughput_jobs_per_s"]
+    for r in rows:
+        r["ratio_vs_first"] = round(r["throughput_jobs_per_s"] / base, 3) if base else None
+    typer.echo("| render workers | jobs/s | × first | p50 / p95 (s) | hit rate | completed / failed |")
+    typer.echo("|---|---|---|---|---|---|")
+    for r in rows:
+        typer.echo(f"| {r['render_workers']} | {r['throughput_jobs_per_s']} | {r['ratio_vs_first']} | "
+                   f"{r['p50_s']} / {r['p95_s']} | {r['hit_rate']} | {r['completed']} / {r['failed']} |")  # fmt: skip
+    if as_json:
+        typer.echo(json.dumps({"bench": "e2e-render-workers", "rows": rows}))
 
 
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
