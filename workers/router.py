@@ -10,11 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from celery.signals import worker_ready
-
-from nirvana.service.liveness import start_heartbeat
 from nirvana.service.models import ROUTE_QUEUE
-from nirvana.service.pipeline import worker_name
 from workers import runtime
 from workers.celery_app import make_celery
 
@@ -25,23 +21,10 @@ def main(argv: list[str] | None = None) -> None:
     s = runtime.settings()
     app = make_celery(s)
     runtime.set_app(app)
-    beat = "--beat" in args
-    args = [a for a in args if a != "--beat"]
     runtime.router()  # connect + load the embedder before consuming (first jobs are not slowed)
     runtime.cache().embed(["warm-up"])
-    store = runtime.store()
-
-    @worker_ready.connect
-    def _alive(**_: object) -> None:
-        start_heartbeat(store.pool, worker_name("router"), "router", ROUTE_QUEUE)
-
     # Threads: up to route_max_batch route tasks at once, their prompts embedded in one call (Router docstring).
-    argv_w = ["worker", "-Q", ROUTE_QUEUE, "--pool=threads", f"--concurrency={s.route_max_batch}"]
-    argv_w += ["--prefetch-multiplier=1", "-n", "router@%h", "-l", "INFO"]
-    if beat:
-        s.data_dir.mkdir(parents=True, exist_ok=True)
-        argv_w += ["--beat", "--schedule", str(s.data_dir / "celerybeat-schedule")]
-    app.worker_main([*argv_w, *args])
+    runtime.serve(app, ROUTE_QUEUE, "router", ["--pool=threads", f"--concurrency={s.route_max_batch}"], args)
 
 
 if __name__ == "__main__":

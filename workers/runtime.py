@@ -121,3 +121,26 @@ def load_renderer(fault_hooks: Any = None) -> Any:
 
 def renderer() -> Any:
     return _state["renderer"] if "renderer" in _state else load_renderer()
+
+
+def serve(app: Any, queue: str, role: str, pool: list[str], args: list[str]) -> None:
+    """Consume ``queue`` with Celery ``pool`` options (e.g. ``["--pool=solo"]``) until stopped; the worker's
+    heartbeat (role ``role``) starts once its consumer is up. ``--beat`` in ``args`` also runs the beat scheduler
+    in this process (exactly one per deployment)."""
+    from celery.signals import worker_ready
+
+    from nirvana.service.liveness import start_heartbeat
+    from nirvana.service.pipeline import worker_name
+
+    s = settings()
+    pool_ = store().pool
+
+    @worker_ready.connect(weak=False)
+    def _alive(**_: object) -> None:
+        start_heartbeat(pool_, worker_name(role), role, queue)
+
+    argv = ["worker", "-Q", queue, *pool, "--prefetch-multiplier=1", "-n", f"{role}@%h", "-l", "INFO"]
+    if "--beat" in args:
+        s.data_dir.mkdir(parents=True, exist_ok=True)
+        argv += ["--beat", "--schedule", str(s.data_dir / "celerybeat-schedule")]
+    app.worker_main([*argv, *(a for a in args if a != "--beat")])
