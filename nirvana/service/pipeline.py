@@ -4,9 +4,9 @@
 
 Invariants:
     * Every step starts with a guarded claim of the job row (``JobStore``), so a redelivered task is a no-op.
-    * Render order: image object (keyed by the attempt) → the job row that makes it visible → cache record (its
-      blobs, then its rows; best-effort, retried on its own). A crash before the row leaves nothing visible; a
-      cache fault after it costs the cache an entry, never the job its image.
+    * Render order: image object (keyed by the attempt) → one cache record attempt (its blobs, then its rows;
+      errors caught) → the job row that makes the image visible → retries of a failed record. A crash before
+      the row leaves nothing visible; a cache fault costs the cache an entry, never the job its image.
     * A planned source state that cannot be loaded or resumed is a miss for that job (``cache_fallback``).
     * The cache counts a hit once per job id (``ApproximateCache.record`` is idempotent per job).
     * Cancellation is honoured between denoising steps: a heartbeat thread polls ``cancel_requested`` and the
@@ -217,26 +217,29 @@ class Renderer:
             return None, "error"
         return (state, None) if state is not None else (None, "missing")
 
-    def _record(self, plan: RenderPlan, res: RowResult, png: bytes, hit: LookupResult | None) -> None:
-        """Record a finished job in the cache, retried on its own; never raises, never re-renders.
-
-        Why after ``finish``: the image is the job's result, the cache only an optimisation; a record that
-        fails (database down, a check on a state) must not turn a good image into a failed or re-rendered job.
-        """
-        delays = self.record_retry_delays_s
-        for i in range(len(delays) + 1):
-            try:
-                self.cache.record(plan.job_id, plan.request, res.states, png, hit, attempt=plan.attempts)
-                return
-            except Exception as e:
-                last = f"{type(e).__name__}: {e}"
-                if isinstance(e, ValueError) or i == len(delays):  # a check that fails once fails every time
-                    break
-                log.warning("job %s: cache record failed (%s), retrying in %.1f s", plan.job_id, last, delays[i])
-                time.sleep(delays[i])
-        log.error("job %s: not recorded in the cache (%s); the job stays done", plan.job_id, last)
+    def _try_record(self, plan: RenderPlan, res: RowResult, png: bytes, hit: LookupResult | None) -> str | None:
+        """One cache record attempt; the error text, or None when recorded. Never raises."""
         try:
-            self.store.record_failed(plan.job_id, last)
+            self.cache.record(plan.job_id, plan.request, res.states, png, hit, attempt=plan.attempts)
+            return None
+        except Exception as e:
+            return f"{type(e).__name__}: {e}"
+
+    def _record_retries(
+        self, plan: RenderPlan, res: RowResult, png: bytes, hit: LookupResult | None, error: str
+    ) -> None:
+        """After the job is done: retry a failed record on its own (never re-rendering), then give up and note
+        it (``cache_record_error``, /metrics). A check that failed (ValueError) fails every time: no retry."""
+        for delay in () if error.startswith("ValueError") else self.record_retry_delays_s:
+            log.warning("job %s: cache record failed (%s), retrying in %.1f s", plan.job_id, error, delay)
+            time.sleep(delay)
+            again = self._try_record(plan, res, png, hit)
+            if again is None:
+                return
+            error = again
+        log.error("job %s: not recorded in the cache (%s); the job stays done", plan.job_id, error)
+        try:
+            self.store.record_failed(plan.job_id, error)
         except Exception as e:  # the count is best-effort too
             log.warning("job %s: could not note the record failure: %s", plan.job_id, e)
 
@@ -245,8 +248,9 @@ class Renderer:
         ``retry`` or ``skipped``. Thread-safe: with a batching engine loop several render at once.
 
         Order: claim → source state (any failure to load or resume it: render from noise, ``cache_fallback``)
-        → render → image object → job ``done`` (the row makes the image visible) → cache record (best-effort,
-        retried on its own). A cache fault never fails or re-renders a job.
+        → render → image object → one cache record attempt (errors caught) → job ``done`` (the row makes the
+        image visible) → if the record failed, its retries (never a re-render). A cache fault never fails or
+        re-renders a job; in the normal case a job is in the cache by the time it is done.
         """
         from nirvana.engine.core import GenerationCancelled, StateRejected
         from nirvana.engine.engine import to_pil
@@ -297,6 +301,11 @@ class Renderer:
             ref = self.cache.store.put_bytes(image_key(plan.tenant, job_id, attempts), png, "png")
             if hook is not None:
                 hook("stored", info)
+            # One record attempt before the row: a user who refines a prompt as soon as the last one is done
+            # must find it in the cache. It cannot fail the job; a failure is retried after the row.
+            record_error = None if plan.cache_mode == "off" else self._try_record(plan, res, png, hit)
+            if hook is not None:
+                hook("recorded", info)
             ok = self.store.finish(job_id, attempts, ref.uri, len(png), res.start_step, res.steps_run, res.seconds)
         except GenerationCancelled:
             self.store.mark_cancelled(job_id, attempts)
@@ -317,11 +326,9 @@ class Renderer:
             prog.stop.set()
             beat.join(timeout=5)
         if not ok:
-            return "skipped"  # another attempt owns the job now: its record is its own
-        if plan.cache_mode != "off":
-            self._record(plan, res, png, hit)
-        if hook is not None:
-            hook("recorded", info)
+            return "skipped"  # another attempt owns the job now
+        if record_error is not None:
+            self._record_retries(plan, res, png, hit, record_error)
         return "done"
 
     @staticmethod

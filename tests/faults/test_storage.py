@@ -262,7 +262,7 @@ def test_storage_faults_through_the_stack(fault_stack: Any, client_of: Any) -> N
         assert c.wait(src[kind]["id"], timeout_s=600)["status"] == "done"
     injected = 0
     for kind in KINDS:
-        paths = _blob_paths(fs, src[kind]["id"], kind)
+        paths = _blob_paths(fs, src[kind]["id"], kind)  # recorded before the job was done
         assert paths, kind
         for p in paths:  # every object the job could pick is faulty
             _corrupt(store, str(p), kind, rng)
