@@ -258,6 +258,10 @@ def bench_router_cmd(
     jobs: Annotated[int, typer.Option(help="jobs per run (a burst, then the same number at --rate)")] = 400,
     rate: Annotated[float, typer.Option(help="offered prompts/s of the latency run")] = 200.0,
     router_threads: Annotated[int, typer.Option(help="torch threads of the router (0: torch default)")] = 0,
+    evict_states: Annotated[
+        int, typer.Option(help="also route 200 jobs alone and while a maintenance worker evicts this many states")
+    ] = 0,
+    evict_rate: Annotated[float, typer.Option(help="offered prompts/s of the eviction comparison")] = 20.0,
     out: Annotated[Path, typer.Option(help="report directory")] = Path("out/bench"),
     json_out: Annotated[bool, typer.Option("--json", help="last line: one JSON object")] = False,
 ) -> None:
@@ -278,6 +282,8 @@ def bench_router_cmd(
                 rate=rate,
                 router_threads=router_threads,
                 progress=lambda m: status.update(f"bench router: {m}"),
+                evict_states=evict_states,
+                evict_rate=evict_rate,
             )
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None

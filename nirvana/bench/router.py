@@ -68,8 +68,12 @@ def run_router_bench(
     rate: float = 200.0,
     router_threads: int = 0,
     progress: Callable[[str], None] | None = None,
+    evict_states: int = 0,
+    evict_rate: float = 20.0,
 ) -> dict[str, Any]:
-    """Measure each router batch size (see the module docstring). Raises ``ValueError`` for bad options."""
+    """Measure each router batch size (see the module docstring). With ``evict_states``, also route 200 jobs at
+    ``evict_rate`` with the last batch size twice — alone, and while a maintenance worker evicts that many
+    cached states — and compare route latency side by side. Raises ``ValueError`` for bad options."""
     if jobs < 10:
         raise ValueError(f"--jobs must be >= 10, got {jobs}")
     if rate <= 0:
@@ -84,7 +88,8 @@ def run_router_bench(
     from nirvana.services.postgres import free_port
 
     say = progress or (lambda _m: None)
-    prompts, source = bench_prompts(2 * jobs * len(batch_sizes))
+    prompts, source = bench_prompts(2 * jobs * len(batch_sizes) + (400 if evict_states else 0))
+    evict: dict[str, Any] | None = None
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="nirvana-bench-router-") as tmp:
         env = {
@@ -124,15 +129,7 @@ def run_router_bench(
                 # Latency at a fixed offered rate, 10 jobs per request.
                 chunk = prompts[used : used + jobs]
                 used += jobs
-                ids = []
-                t_start = time.monotonic()
-                for i in range(0, jobs, 10):
-                    due = t_start + i / rate
-                    time.sleep(max(0.0, due - time.monotonic()))
-                    body = [{"prompt": p, "steps": 50, "seed": i + j} for j, p in enumerate(chunk[i : i + 10])]
-                    ids.append(client.submit_batch(body)["id"])
-                offered = jobs / max(time.monotonic() - t_start, 1e-9)
-                lat = [r - c for c, r in _wait_routed(pool, ids, jobs, 900)]
+                offered, lat = _latency_run(client, pool, chunk, rate)
                 rows.append(
                     {
                         "route_max_batch": b,
@@ -146,6 +143,8 @@ def run_router_bench(
                     }
                 )
                 say(f"router batch {b}: p50 {rows[-1]['latency_p50_s']} s, p99 {rows[-1]['latency_p99_s']} s")
+                if evict_states and b == batch_sizes[-1]:
+                    evict = _eviction_side_by_side(stack, pool, client, prompts[used:], evict_states, evict_rate, say)
                 router.stop()
             client.close()
         finally:
@@ -154,7 +153,77 @@ def run_router_bench(
     base = rows[0]["prompts_per_s"]
     for r in rows:
         r["ratio_vs_first"] = round(r["prompts_per_s"] / base, 2) if base else None
-    return {"bench": "router", "prompts": source, "jobs_per_run": jobs, "rate": rate, "rows": rows}
+    return {"bench": "router", "prompts": source, "jobs_per_run": jobs, "rate": rate, "rows": rows, "eviction": evict}
+
+
+def _latency_run(client: Any, pool: Any, prompts: list[str], rate: float) -> tuple[float, list[float]]:
+    """Submit ``prompts`` 10 per request at ``rate`` per second; (offered rate, route latencies)."""
+    ids = []
+    t_start = time.monotonic()
+    for i in range(0, len(prompts), 10):
+        time.sleep(max(0.0, t_start + i / rate - time.monotonic()))
+        body = [{"prompt": p, "steps": 50, "seed": i + j} for j, p in enumerate(prompts[i : i + 10])]
+        ids.append(client.submit_batch(body)["id"])
+    offered = len(prompts) / max(time.monotonic() - t_start, 1e-9)
+    return offered, [r - c for c, r in _wait_routed(pool, ids, len(prompts), 900)]
+
+
+def _states(pool: Any) -> int:
+    with pool.connection() as c:
+        return int(c.execute("SELECT count(*) AS n FROM cache_states").fetchone()["n"])
+
+
+def _eviction_side_by_side(
+    stack: Any, pool: Any, client: Any, prompts: list[str], n_states: int, rate: float, say: Callable[[str], None]
+) -> dict[str, Any]:
+    """Route 200 jobs alone, then 200 more while the maintenance worker evicts ``n_states`` cached states."""
+    import numpy as np
+
+    from nirvana.cache.core import ApproximateCache, CacheRequest, Namespace
+    from nirvana.cache.embedder import MiniLMEmbedder
+    from nirvana.cache.policy import KPolicy
+    from nirvana.cache.store import LatentStore
+
+    say(f"eviction: caching {n_states} states (5 per prompt, no objects)")
+    rng = np.random.default_rng(0)
+    cache = ApproximateCache(
+        stack.database_url, LatentStore(str(stack.data_dir / "blobs")), MiniLMEmbedder(), KPolicy.paper(),
+        budget_bytes=10**15, pool_size=2,
+    )  # fmt: skip
+    ns = Namespace("bench-evict-32x32-ddim", "filler")
+    try:
+        for i in range(n_states // 5):
+            emb = rng.normal(size=384).astype(np.float32)
+            req = CacheRequest(f"filler {i}", "", i, 50, 7.0, 32, 32, ns, embedding=emb / np.linalg.norm(emb))
+            cache.record_virtual(f"fill-{i}", req, None, bytes_per_state=4096, steps_k=[5, 10, 15, 20, 25])
+    finally:
+        cache.close()
+    cached = _states(pool)
+    say("eviction: routing alone")
+    _, quiet = _latency_run(client, pool, prompts[:200], rate)
+    maint = stack.spawn("maintenance", [sys.executable, "-m", "workers.maintenance", "--beat"],
+                        {"NIRVANA_CACHE_BUDGET_BYTES": "1", "NIRVANA_BEAT_EVICT_S": "1"})  # fmt: skip
+    deadline = time.monotonic() + 300
+    while _states(pool) >= cached and time.monotonic() < deadline:  # until eviction is under way
+        if not maint.alive:
+            raise RuntimeError(f"the maintenance worker exited:\n{maint.tail()}")
+        time.sleep(0.2)
+    before = _states(pool)
+    say("eviction: routing while the maintenance worker evicts")
+    _, busy = _latency_run(client, pool, prompts[200:400], rate)
+    during = before - _states(pool)
+    maint.stop()
+    p99 = (_pct(quiet, 99), _pct(busy, 99))
+    return {
+        "states_cached": cached,
+        "states_evicted_during_run": during,
+        "rate": rate,
+        "alone_p50_s": _pct(quiet, 50),
+        "alone_p99_s": p99[0],
+        "evicting_p50_s": _pct(busy, 50),
+        "evicting_p99_s": p99[1],
+        "p99_ratio": round(p99[1] / p99[0], 3) if p99[0] and p99[1] is not None else None,
+    }
 
 
 def _wait_http(url: str, proc: Any, timeout_s: float = 180) -> None:
@@ -200,5 +269,12 @@ def format_table(res: dict[str, Any]) -> str:
         lines.append(
             f"| {r['route_max_batch']} | {r['prompts_per_s']} | {r['ratio_vs_first']} | {r['offered_rate_per_s']}/s | "
             f"{r['latency_p50_s']} / {r['latency_p99_s']} |"
+        )
+    e = res.get("eviction")
+    if e:
+        lines.append(
+            f"\nwhile evicting ({e['states_evicted_during_run']} of {e['states_cached']} states evicted during the "
+            f"run, {e['rate']}/s offered): p50 {e['alone_p50_s']} -> {e['evicting_p50_s']} s, "
+            f"p99 {e['alone_p99_s']} -> {e['evicting_p99_s']} s (x{e['p99_ratio']})"
         )
     return "\n".join(lines)
