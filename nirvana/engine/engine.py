@@ -13,6 +13,7 @@ Resume rules (see docs/ENGINE.md for the derivations and measured tolerances):
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -45,10 +46,15 @@ __all__ = [
 ]
 
 
+@functools.cache
+def _paper_policy() -> KPolicy:
+    return KPolicy.paper()  # immutable; read from its JSON file once per process, not once per generate()
+
+
 def default_capture_steps(num_steps: int) -> list[int]:
     """The steps the cache looks up with the paper's table at ``num_steps`` (``KPolicy.cached_steps``: floor
     scaling) — the same function the lookup uses, so every captured state can be asked for."""
-    return KPolicy.paper().cached_steps(num_steps)
+    return _paper_policy().cached_steps(num_steps)
 
 
 @dataclass

@@ -51,30 +51,11 @@ def build_tiny_sd(path: Path, scheduler: str = "ddim", seed: int = 0) -> Path:
 
     ``scheduler``: "ddim", or "pndm" (SD 1.5's own default, which the loader must swap: it has no resume rule).
     """
-    from diffusers import (
-        AutoencoderKL,
-        DDIMScheduler,
-        PNDMScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import DDIMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
     torch.manual_seed(seed)
     tok = build_tokenizer(path.parent / (path.name + "-tok"))
-    text = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tok.get_vocab()),
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=16,
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-        )
-    ).eval()
+    text = _tiny_clip(tok, projection=False)
     unet = UNet2DConditionModel(
         sample_size=8,
         in_channels=4,
@@ -87,16 +68,7 @@ def build_tiny_sd(path: Path, scheduler: str = "ddim", seed: int = 0) -> Path:
         attention_head_dim=8,
         norm_num_groups=32,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(32, 32, 32),
-        latent_channels=4,
-        norm_num_groups=32,
-        sample_size=32,
-    )
+    vae = _tiny_vae(4)
     sched: Any
     if scheduler == "ddim":
         sched = DDIMScheduler(

@@ -132,16 +132,16 @@ def list_models(pool: Any) -> list[tuple[ServedModel, float]]:
 
 def current(rows: list[tuple[ServedModel, float]]) -> dict[str, ServedModel]:
     """Per name, the checkpoint new jobs go to: the most recently registered one with a live heartbeat, or
-    the most recently registered one when none is live (jobs then wait in its queue)."""
+    the most recently registered one when none is live (jobs then wait in its queue). ``rows`` as
+    :func:`list_models` returns them (newest registration first within a name)."""
     out: dict[str, ServedModel] = {}
-    for m, age in rows:  # newest registration first within a name
-        if m.name not in out or (age <= LIVE_S and not _alive(out[m.name], rows)):
+    live: set[str] = set()
+    for m, age in rows:
+        if m.name not in out or (m.name not in live and age <= LIVE_S):
             out[m.name] = m
+            if age <= LIVE_S:
+                live.add(m.name)
     return out
-
-
-def _alive(model: ServedModel, rows: list[tuple[ServedModel, float]]) -> bool:
-    return any(m == model and age <= LIVE_S for m, age in rows)
 
 
 class ModelRegistry:
