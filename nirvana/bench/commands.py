@@ -187,7 +187,8 @@ def bench_gpu_cmd(
     cache's overhead per request. Refuses without CUDA unless --allow-cpu --tiny."""
     import json
 
-    from nirvana.bench.gpu import GpuUnavailable, run_gpu_bench, write_outputs
+    from nirvana.bench.gpu import GpuUnavailable, run_gpu_bench
+    from nirvana.bench.gpu_report import write_outputs
 
     try:
         res = run_gpu_bench(

@@ -19,8 +19,6 @@ from nirvana.bench.trace import (
     PolicySpec,
     SizeModel,
     TraceRequest,
-    _k_ref,
-    _key,
     assign_times,
     default_specs,
     embed_with_cache,
@@ -35,6 +33,8 @@ from nirvana.bench.trace import (
     replay_fingerprint,
     step_cost_512,
 )
+from nirvana.bench.trace.embeddings import _key
+from nirvana.bench.trace.replayer import _k_ref
 from nirvana.services.postgres import EmbeddedPostgres
 
 COLUMNS = ["seq", "channel", "user_hash", "prompt", "seed", "cfg", "steps", "width", "height", "n_images", "sampler",
@@ -315,6 +315,7 @@ def test_resume_reuses_only_replays_with_a_matching_fingerprint(
     tmp_path: Path, pg_server: EmbeddedPostgres, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import nirvana.bench.trace as trace_mod
+    import nirvana.bench.trace.runner as runner_mod  # where run_trace_bench looks replay up
 
     base = ["a castle", "a castle", "a red fox", "a castle", "a red fox in snow"]
     trace = _write_trace(tmp_path / "t.trace.csv.gz", [_row(i, base[i % 5], seed=i % 3) for i in range(40)])
@@ -329,7 +330,7 @@ def test_resume_reuses_only_replays_with_a_matching_fingerprint(
         calls.append(a[3].name)
         return real_replay(*a, **k)
 
-    monkeypatch.setattr(trace_mod, "replay", counting)
+    monkeypatch.setattr(runner_mod, "replay", counting)
     first = trace_mod.run_trace_bench([trace], **kw)
     lines = [json.loads(x) for x in ckpt.read_text().splitlines()]
     assert sorted(calls) == ["lru", "paper"] and len(lines) == 4
@@ -381,6 +382,7 @@ def test_a_task_stopped_part_way_keeps_the_budgets_it_finished(
     """One task replays a policy's budgets in turn; each finished budget is checkpointed at once, so a run killed
     during the next one resumes with only what is left."""
     import nirvana.bench.trace as trace_mod
+    import nirvana.bench.trace.runner as runner_mod  # where run_trace_bench looks replay up
 
     base = ["a castle", "a red fox", "a castle at night", "a blue boat", "a red fox in snow"]
     trace = _write_trace(tmp_path / "t.trace.csv.gz", [_row(i, base[i % 5], seed=i) for i in range(30)])
@@ -397,7 +399,7 @@ def test_a_task_stopped_part_way_keeps_the_budgets_it_finished(
             raise KeyboardInterrupt  # the run is stopped during the second budget
         return real_replay(*a, **k)
 
-    monkeypatch.setattr(trace_mod, "replay", stopped_at_the_second)
+    monkeypatch.setattr(runner_mod, "replay", stopped_at_the_second)
     with pytest.raises(KeyboardInterrupt):
         trace_mod.run_trace_bench([trace], **kw)
     small, large = calls
@@ -407,7 +409,7 @@ def test_a_task_stopped_part_way_keeps_the_budgets_it_finished(
     assert lines[0]["row"]["evictions"] > 0  # so the larger budget is a replay of its own, not a copy
 
     calls.clear()
-    monkeypatch.setattr(trace_mod, "replay", lambda *a, **k: calls.append(a[4]) or real_replay(*a, **k))
+    monkeypatch.setattr(runner_mod, "replay", lambda *a, **k: calls.append(a[4]) or real_replay(*a, **k))
     res = trace_mod.run_trace_bench([trace], resume=True, **kw)
     assert calls == [large]
     row = res["policies"]["lru"]
