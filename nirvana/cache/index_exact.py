@@ -26,6 +26,17 @@ from nirvana.cache.index_rows import Space
 DEFAULT_EXACT_SCAN_MAX_ROWS = 5000
 
 
+def query_vector(embedding: np.ndarray, dim: int, limit: int) -> np.ndarray:
+    """``embedding`` as the flat float32 vector a search sends, after checking ``limit`` (1..1000) and that it
+    has ``dim`` components (``ValueError`` otherwise). Shared by the exact and the HNSW search."""
+    if not 1 <= limit <= 1000:
+        raise ValueError(f"limit must be in 1..1000, got {limit}")
+    q = np.asarray(embedding, dtype=np.float32).ravel()
+    if q.shape[0] != dim:
+        raise ValueError(f"embedding dim must be {dim}, got {q.shape[0]}")
+    return q
+
+
 def exact_nearest_on(
     conn: psycopg.Connection[Any],
     space: Space,
@@ -43,11 +54,7 @@ def exact_nearest_on(
     count comes with it at no extra scan. Sequential scans are off for the query (``SET LOCAL``): with stale
     statistics (a namespace evicted from large to small) the planner could otherwise read the whole table.
     """
-    if not 1 <= limit <= 1000:
-        raise ValueError(f"limit must be in 1..1000, got {limit}")
-    q = np.asarray(embedding, dtype=np.float32).ravel()
-    if q.shape[0] != dim:
-        raise ValueError(f"embedding dim must be {dim}, got {q.shape[0]}")
+    q = query_vector(embedding, dim, limit)
     d = int(dim)
     sql = (
         f"WITH c AS MATERIALIZED (SELECT id, embedding::vector({d}) <=> %(q)s::vector({d}) AS dist "

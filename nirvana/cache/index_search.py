@@ -24,7 +24,7 @@ import numpy as np
 import psycopg
 
 from nirvana.cache.index_conn import IndexConnection
-from nirvana.cache.index_exact import count_rows_on, exact_nearest_on
+from nirvana.cache.index_exact import count_rows_on, exact_nearest_on, query_vector
 from nirvana.cache.index_rows import Space
 
 
@@ -80,11 +80,7 @@ class VectorSearch(IndexConnection):
             return exact_nearest_on(conn, space, dim, embedding, limit=limit, explain=explain)[0]
         if not 1 <= ef_search <= 1000:
             raise ValueError(f"ef_search must be in 1..1000, got {ef_search}")
-        if not 1 <= limit <= 1000:
-            raise ValueError(f"limit must be in 1..1000, got {limit}")
-        q = np.asarray(embedding, dtype=np.float32).ravel()
-        if q.shape[0] != dim:
-            raise ValueError(f"embedding dim must be {dim}, got {q.shape[0]}")
+        q = query_vector(embedding, dim, limit)
         d = int(dim)
         where = f"dim = {d}"
         params: dict[str, Any] = {"q": q, "lim": limit}
