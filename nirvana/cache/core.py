@@ -10,6 +10,11 @@ Typical router/worker flow::
     cache.record(job_id, req, captured_states, png, hit)            # idempotent per job_id; counts the hit
     cache.evict_to_budget()                                         # periodically (beat)
 
+Here: construction, the lookup path (exact tier, gate, nearest, K), the reads of what a hit points at, and
+maintenance. The record path (``record``, ``record_virtual``) is :class:`nirvana.cache.record.RecordPath`, which
+``ApproximateCache`` extends; the request/result types live in :mod:`nirvana.cache.request` and are re-exported
+here, so ``from nirvana.cache.core import Namespace, CacheRequest, LookupResult, SHARED_TENANT`` keeps working.
+
 Invariants:
     * Entries are only reused within one ``Namespace`` (model_key × tenant) and embedding space.
     * ``lookup`` never writes; ``record`` is the only place a hit is counted, exactly once per job id.
@@ -21,14 +26,11 @@ Invariants:
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
@@ -41,113 +43,19 @@ from nirvana.cache.eviction import (
     make_policy,
 )
 from nirvana.cache.gate import DEFAULT_GATE_ENFORCE, GateModel, NoveltyGate
-from nirvana.cache.index import (
-    DEFAULT_EXACT_SCAN_MAX_ROWS,
-    CacheIndex,
-    NewImage,
-    NewPrompt,
-    NewState,
-    Space,
-    configure_connection,
-)
+from nirvana.cache.index import DEFAULT_EXACT_SCAN_MAX_ROWS, CacheIndex, Space, configure_connection
 from nirvana.cache.policy import KPolicy
+from nirvana.cache.record import RecordPath
+from nirvana.cache.request import SHARED_TENANT, CacheRequest, LookupResult, Namespace, Tier, miss_result
 from nirvana.cache.store import BlobCorrupt, BlobMissing, BlobUnavailable, LatentStore
 from nirvana.engine.state import CapturedState
 
 log = logging.getLogger(__name__)
 
-SHARED_TENANT = "__shared__"
-Tier = Literal["exact", "approximate", "miss"]
+__all__ = ["SHARED_TENANT", "ApproximateCache", "CacheRequest", "LookupResult", "Namespace", "Tier"]
 
 
-@dataclass(frozen=True)
-class Namespace:
-    """Reuse scope: states are only shared within one model_key (checkpoint × resolution × scheduler) and
-    tenant. The opt-in shared pool is ``tenant=SHARED_TENANT``."""
-
-    model_key: str
-    tenant: str
-
-    def __post_init__(self) -> None:
-        for name in ("model_key", "tenant"):
-            v = getattr(self, name)
-            if not isinstance(v, str) or not v or len(v) > 200:
-                raise ValueError(f"namespace.{name} must be a non-empty string of at most 200 chars, got {v!r}")
-
-
-@dataclass
-class CacheRequest:
-    """What a generation asks for (everything the exact tier keys on, plus the namespace)."""
-
-    prompt: str
-    negative_prompt: str
-    seed: int
-    steps: int
-    guidance: float
-    width: int
-    height: int
-    namespace: Namespace
-    embedding: np.ndarray | None = None
-
-    def exact_key(self) -> str:
-        """Digest of (prompt, negative prompt, seed, steps, guidance, size, model_key)."""
-        blob = json.dumps(
-            [
-                self.prompt,
-                self.negative_prompt,
-                int(self.seed),
-                int(self.steps),
-                round(float(self.guidance), 6),
-                int(self.width),
-                int(self.height),
-                self.namespace.model_key,
-            ],
-            ensure_ascii=False,
-        )
-        return hashlib.sha256(blob.encode()).hexdigest()
-
-
-@dataclass
-class LookupResult:
-    """Outcome of :meth:`ApproximateCache.lookup`.
-
-    ``k`` is the step of the stored state to resume from (0 unless approximate); ``k_policy`` the K the table
-    allowed for ``similarity`` (k ≤ k_policy). ``similarity`` is the best neighbour's, hit or not (None when
-    no vector lookup ran). ``gate_novel``/``gate_score`` are the gate's verdict (None: no gate or no model).
-    """
-
-    tier: Tier
-    k: int
-    similarity: float | None
-    source_prompt_id: int | None
-    state_id: int | None
-    image_uri: str | None
-    gate_novel: bool | None
-    gate_score: float | None
-    lookup_ms: float
-    k_policy: int = 0
-    num_steps: int = 0
-    image_blob_id: int | None = None
-    gate_skipped_lookup: bool = False
-    candidates: int = 0
-    exact_key: str = ""
-    embedding: np.ndarray | None = field(default=None, repr=False)
-
-    @property
-    def hit(self) -> bool:
-        return self.tier != "miss"
-
-
-def _miss(req: CacheRequest, exact_key: str) -> LookupResult:
-    return LookupResult("miss", 0, None, None, None, None, None, None, 0.0, num_steps=req.steps, exact_key=exact_key)
-
-
-def _blob_owner(job_id: str, attempt: int) -> str:
-    """What a recorded blob's key derives from: the job, and the attempt after the first (older keys kept)."""
-    return job_id if attempt == 0 else f"{job_id}#a{attempt}"
-
-
-class ApproximateCache:
+class ApproximateCache(RecordPath):
     """Approximate cache of intermediate latents (NIRVANA) with an exact tier, a novelty gate and eviction.
 
     Args:
@@ -367,7 +275,7 @@ class ApproximateCache:
         self._validate(req)
         space = self._space(req.namespace)
         ek = req.exact_key()
-        res = _miss(req, ek)
+        res = miss_result(req, ek)
         if self.exact_tier:
             m = self.index.exact_match(space, ek)
             if m is not None:
@@ -462,164 +370,6 @@ class ApproximateCache:
         except BlobUnavailable as e:
             log.warning("image blob %s unreadable now (%s): miss", result.image_blob_id, e)
             return None
-
-    # ------------------------------------------------------------------ writes
-    def _new_prompt(self, req: CacheRequest, hit: LookupResult | None) -> NewPrompt:
-        """The prompt row a recorded generation adds (embedding reused from the lookup when present)."""
-        return NewPrompt(
-            req.prompt,
-            req.negative_prompt,
-            self._embedding_of(req, hit),
-            int(req.seed),
-            int(req.steps),
-            float(req.guidance),
-            int(req.width),
-            int(req.height),
-            req.exact_key(),
-        )
-
-    def _hit_fields(self, hit: LookupResult | None) -> tuple[str, float | None, int | None, int | None, int]:
-        tier = hit.tier if hit is not None else "miss"
-        if hit is None or tier == "miss":
-            return "miss", None, None, None, 0
-        return tier, hit.similarity, hit.source_prompt_id, hit.state_id, hit.k if tier == "approximate" else 0
-
-    def record(
-        self,
-        job_id: str,
-        req: CacheRequest,
-        states: list[CapturedState],
-        image_png: bytes | None,
-        hit: LookupResult | None,
-        attempt: int = 0,
-    ) -> dict[str, Any]:
-        """Record a served generation (hits included); idempotent per ``job_id``.
-
-        Counts the hit on the state it used (once per job), then, if the eviction policy admits it, stores the
-        prompt, its image (exact tier) and its states: those at k > hit.k are its own (blobs written first, at
-        keys derived from the job id and ``attempt``); those at k ≤ hit.k borrow the source prompt's blobs.
-        States at k ≤ hit.k passed in are ignored. Returns what ``CacheIndex.record`` reports.
-
-        Invariant: the ledger row (``cache_jobs``) is checked and inserted in the same transaction as the rows
-        (``CacheIndex.record``); the ``_job_seen`` read before it only skips blob writes for a job already
-        recorded. Two attempts racing both write blobs, at different keys (the attempt is in them), and only
-        the ledger's winner makes its blobs visible; the loser's become orphans for ``sweep_orphans``.
-        """
-        if not job_id or len(job_id) > 200:
-            raise ValueError("job_id must be a non-empty string of at most 200 chars")
-        self._validate(req)
-        now = self.clock()
-        space = self._space(req.namespace)
-        tier, sim, source, state_id, hit_k = self._hit_fields(hit)
-        admit = self.eviction.admit(sim, tier)
-        prompt: NewPrompt | None = None
-        new_states: list[NewState] = []
-        image: NewImage | None = None
-        if admit and not self._job_seen(job_id):
-            prompt = self._new_prompt(req, hit)
-            seen: set[int] = set()
-            for st in sorted(states, key=lambda s: s.step):
-                if st.model_key != req.namespace.model_key:
-                    raise ValueError(f"states[].model_key must be {req.namespace.model_key!r}, got {st.model_key!r}")
-                if st.num_steps != req.steps:
-                    raise ValueError(f"states[].num_steps must equal steps={req.steps}, got {st.num_steps}")
-                if st.step <= hit_k or st.step in seen:
-                    continue
-                seen.add(st.step)
-                latent = st.latent.detach().to("cpu").float().numpy()
-                ref = self.store.put_latent(
-                    LatentStore.state_key(space.model_key, space.tenant, _blob_owner(job_id, attempt), st.step),
-                    latent,
-                    self.codec,
-                    {"step": st.step, "num_steps": st.num_steps, "timestep": st.timestep},
-                )
-                new_states.append(
-                    NewState(
-                        st.step,
-                        st.num_steps,
-                        float(st.timestep),
-                        st.sigma,
-                        st.scheduler_family,
-                        list(latent.shape),
-                        ref.uri,
-                        ref.codec,
-                        ref.bytes,
-                        ref.checksum,
-                    )
-                )
-            if image_png:
-                ref = self.store.put_bytes(
-                    LatentStore.image_key(space.model_key, space.tenant, _blob_owner(job_id, attempt)), image_png, "png"
-                )
-                image = NewImage(ref.uri, ref.bytes, ref.checksum)
-        return self.index.record(
-            job_id=job_id,
-            tier=tier,
-            space=space,
-            now=now,
-            policy=self.eviction,
-            hit_state_id=state_id,
-            source_prompt_id=source,
-            hit_k=hit_k,
-            admit=admit and prompt is not None,
-            prompt=prompt,
-            states=new_states,
-            image=image,
-        )
-
-    def record_virtual(
-        self,
-        job_id: str,
-        req: CacheRequest,
-        hit: LookupResult | None,
-        bytes_per_state: int,
-        steps_k: list[int] | None = None,
-        image_bytes: int = 0,
-    ) -> dict[str, Any]:
-        """Like :meth:`record` without tensors (trace replays): rows for states at ``steps_k`` (default: the
-        policy table's steps for ``req.steps``) above the hit's k, each accounting ``bytes_per_state`` bytes
-        but with no object; an image of ``image_bytes`` bytes (none if 0). ``load_state`` of such a state is
-        None."""
-        if bytes_per_state < 0 or image_bytes < 0:
-            raise ValueError("bytes_per_state and image_bytes must be >= 0")
-        if not job_id or len(job_id) > 200:
-            raise ValueError("job_id must be a non-empty string of at most 200 chars")
-        self._validate(req)
-        now = self.clock()
-        space = self._space(req.namespace)
-        tier, sim, source, state_id, hit_k = self._hit_fields(hit)
-        admit = self.eviction.admit(sim, tier)
-        ks = sorted(set(steps_k if steps_k is not None else self.policy.cached_steps(req.steps)))
-        for k in ks:
-            if not 1 <= k < req.steps:
-                raise ValueError(f"steps_k must be in 1..{req.steps - 1}, got {k}")
-        prompt = None
-        if admit:
-            prompt = self._new_prompt(req, hit)
-        states = [
-            NewState(k, req.steps, 0.0, None, "virtual", [], None, "virtual", bytes_per_state, None)
-            for k in ks
-            if k > hit_k
-        ]
-        image = NewImage(None, image_bytes, None, "virtual") if image_bytes else None
-        return self.index.record(
-            job_id=job_id,
-            tier=tier,
-            space=space,
-            now=now,
-            policy=self.eviction,
-            hit_state_id=state_id,
-            source_prompt_id=source,
-            hit_k=hit_k,
-            admit=admit,
-            prompt=prompt,
-            states=states if admit else [],
-            image=image if admit else None,
-        )
-
-    def _job_seen(self, job_id: str) -> bool:
-        with self.index.connection() as conn:
-            return conn.execute("SELECT 1 FROM cache_jobs WHERE job_id = %s", (job_id,)).fetchone() is not None
 
     # ------------------------------------------------------------------ maintenance
     def evict_to_budget(self) -> dict[str, Any]:
