@@ -1,10 +1,10 @@
 """``celery -A workers.app`` target (router queue, beat, Flower). Render workers start with
-``python -m workers.render``, which adds their model's queue after loading it."""
+``python -m workers.render``, which adds their model's queue after loading it. Resources are built on the first
+task (the context's lazy path)."""
 
 from __future__ import annotations
 
-from workers import runtime
-from workers.celery_app import make_celery
+from nirvana.config import get_settings
+from workers import process
 
-app = make_celery(runtime.settings())
-runtime.set_app(app)
+app, ctx = process.build(get_settings())

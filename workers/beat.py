@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import sys
 
-from workers import runtime
-from workers.celery_app import make_celery
+from nirvana.config import get_settings
+from workers import process
 
 
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
-    s = runtime.settings()
-    app = make_celery(s)
+    s = get_settings()
+    app, _ = process.build(s)  # beat only sends; its context is never used (nothing is built)
     s.data_dir.mkdir(parents=True, exist_ok=True)
     app.start(["beat", "--schedule", str(s.data_dir / "celerybeat-schedule"), "-l", "INFO", *args])
 

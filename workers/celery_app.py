@@ -78,12 +78,10 @@ def celery_config(settings: Settings, render_queues: list[str] | None = None) ->
 
 
 def make_celery(settings: Settings, render_queues: list[str] | None = None) -> Celery:
-    """A configured Celery app with nirvana's tasks registered."""
+    """A configured Celery app (queues, delivery, beat schedule) without tasks: what sends tasks (the API) needs
+    nothing more; worker processes register theirs with ``workers.tasks.register(app, ctx)``."""
     app = Celery("nirvana")
     app.conf.update(celery_config(settings, render_queues))
-    from workers import tasks
-
-    tasks.register(app)
     return app
 
 

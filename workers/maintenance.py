@@ -7,21 +7,19 @@ in this process (exactly one per deployment; ``python -m workers.beat`` runs it 
 
 from __future__ import annotations
 
-import logging
 import sys
 
+from nirvana.config import get_settings
 from nirvana.service.models import MAINTENANCE_QUEUE
-from workers import runtime
-from workers.celery_app import make_celery
+from workers import process
 
 
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = make_celery(runtime.settings())
-    runtime.set_app(app)
-    runtime.maintenance()  # connect before consuming
-    runtime.serve(app, MAINTENANCE_QUEUE, "maintenance", ["--pool=solo"], args)
+    process.setup_logging()
+    app, ctx = process.build(get_settings())
+    ctx.maintenance()  # connect before consuming
+    process.serve(app, ctx, MAINTENANCE_QUEUE, "maintenance", ["--pool=solo"], args)
 
 
 if __name__ == "__main__":

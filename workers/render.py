@@ -16,10 +16,11 @@ import threading
 
 from celery.signals import worker_ready
 
+from nirvana.config import get_settings
 from nirvana.service import models as served
 from nirvana.service.liveness import start_heartbeat
-from workers import runtime
-from workers.celery_app import make_celery
+from workers import process
+from workers.context import FaultHooks, load_render_engine
 
 log = logging.getLogger("workers.render")
 
@@ -33,18 +34,16 @@ def _keep_registered(pool: object, model: served.ServedModel, every_s: float = 1
             log.warning("served-model heartbeat failed: %s", e)
 
 
-def main(argv: list[str] | None = None, fault_hooks: object = None) -> None:
+def main(argv: list[str] | None = None, fault_hooks: FaultHooks | None = None) -> None:
     """Run the worker; ``fault_hooks`` only from the fault suite's entry point (``tests/faults/render_worker.py``)."""
     args = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    s = runtime.settings()
+    process.setup_logging()
+    s = get_settings()
     # The queue name is the loaded model's key: load first, then build the app that declares the queue.
-    renderer = runtime.load_renderer(fault_hooks)
+    app, ctx = process.build(s, render_engine=load_render_engine(s, fault_hooks), fault_hooks=fault_hooks)
+    renderer = ctx.renderer()
     model = renderer.model
-    app = make_celery(s, render_queues=[model.queue])
-    runtime.set_app(app)
-    renderer.sender = runtime.sender()
-    store = runtime.store()
+    store = ctx.store()
 
     @worker_ready.connect
     def _register(**_: object) -> None:

@@ -7,24 +7,22 @@ queue. ``--beat`` also runs the beat scheduler in this process (one per deployme
 
 from __future__ import annotations
 
-import logging
 import sys
 
+from nirvana.config import get_settings
 from nirvana.service.models import ROUTE_QUEUE
-from workers import runtime
-from workers.celery_app import make_celery
+from workers import process
 
 
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    s = runtime.settings()
-    app = make_celery(s)
-    runtime.set_app(app)
-    runtime.router()  # connect + load the embedder before consuming (first jobs are not slowed)
-    runtime.cache().embed(["warm-up"])
+    process.setup_logging()
+    s = get_settings()
+    app, ctx = process.build(s)
+    ctx.router()  # connect + load the embedder before consuming (first jobs are not slowed)
+    ctx.cache().embed(["warm-up"])
     # Threads: up to route_max_batch route tasks at once, their prompts embedded in one call (Router docstring).
-    runtime.serve(app, ROUTE_QUEUE, "router", ["--pool=threads", f"--concurrency={s.route_max_batch}"], args)
+    process.serve(app, ctx, ROUTE_QUEUE, "router", ["--pool=threads", f"--concurrency={s.route_max_batch}"], args)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Task definitions: each is one call into ``nirvana.service.pipeline``; the job id is the task id."""
+"""Task definitions: each is one call into ``nirvana.service.pipeline`` through the process's
+:class:`~workers.context.WorkerContext`; the job id is the task id."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ from typing import Any
 import psycopg
 from celery import Celery
 
-from workers import runtime
 from workers.celery_app import (
     EVICT_TASK,
     GATE_TASK,
@@ -17,12 +17,13 @@ from workers.celery_app import (
     ROUTE_TASK,
     SWEEP_TASK,
 )
+from workers.context import WorkerContext
 
 _TRANSIENT = (psycopg.OperationalError, ConnectionError, TimeoutError)
 
 
-def register(app: Celery) -> None:
-    """Register nirvana's tasks on ``app``."""
+def register(app: Celery, ctx: WorkerContext) -> None:
+    """Register nirvana's tasks on ``app``; they run against ``ctx`` (built by the process's entry point)."""
 
     @app.task(
         name=ROUTE_TASK,
@@ -33,30 +34,30 @@ def register(app: Celery) -> None:
         max_retries=10,
     )
     def route(job_id: str) -> str:
-        return str(runtime.router().route(job_id))
+        return str(ctx.router().route(job_id))
 
     @app.task(name=RENDER_TASK, acks_late=True)
     def render(job_id: str, attempt: int) -> str:
         # No autoretry: a failure before the claim leaves the job routed (the reaper re-sends it), one after
         # the claim is retried by the renderer itself or, if the process died, by the reaper.
-        return str(runtime.renderer().render(job_id, int(attempt)))
+        return str(ctx.renderer().render(job_id, int(attempt)))
 
     @app.task(name=EVICT_TASK, acks_late=True)
     def evict() -> dict[str, Any]:
-        return dict(runtime.maintenance().evict())
+        return dict(ctx.maintenance().evict())
 
     @app.task(name=GATE_TASK, acks_late=True)
     def refit_gate() -> dict[str, Any]:
-        return dict(runtime.maintenance().refit_gate())
+        return dict(ctx.maintenance().refit_gate())
 
     @app.task(name=REAP_TASK, acks_late=True)
     def reap() -> dict[str, int]:
-        return dict(runtime.maintenance().reap())
+        return dict(ctx.maintenance().reap())
 
     @app.task(name=SWEEP_TASK, acks_late=True)
     def sweep() -> dict[str, Any]:
-        return dict(runtime.maintenance().sweep())
+        return dict(ctx.maintenance().sweep())
 
     @app.task(name=RETENTION_TASK, acks_late=True)
     def retention() -> dict[str, int]:
-        return dict(runtime.maintenance().retention())
+        return dict(ctx.maintenance().retention())
