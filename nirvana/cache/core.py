@@ -27,7 +27,6 @@ Invariants:
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -223,20 +222,11 @@ class ApproximateCache(RecordPath):
     def _validate(self, req: CacheRequest) -> None:
         if not isinstance(req.namespace, Namespace):
             raise ValueError("namespace must be a Namespace")
-        if not isinstance(req.prompt, str) or len(req.prompt) > self.max_prompt_chars:
-            raise ValueError(f"prompt must be a string of at most {self.max_prompt_chars} chars")
-        if not isinstance(req.negative_prompt, str) or len(req.negative_prompt) > self.max_prompt_chars:
-            raise ValueError(f"negative_prompt must be a string of at most {self.max_prompt_chars} chars")
-        if not 1 <= req.steps <= 1000:
-            raise ValueError(f"steps must be in 1..1000, got {req.steps}")
-        if not 0 <= req.seed < 2**63:
-            raise ValueError(f"seed must be in 0..2**63-1, got {req.seed}")
-        if not (math.isfinite(req.guidance) and 0 <= req.guidance <= 100):
-            raise ValueError(f"guidance must be in 0..100, got {req.guidance}")
-        for name in ("width", "height"):
-            v = getattr(req, name)
-            if not 1 <= v <= 16384:
-                raise ValueError(f"{name} must be in 1..16384, got {v}")
+        # The request checked its fields' hard limits when it was built (GenerationRequest); this cache's own
+        # prompt limit is checked here.
+        for name in ("prompt", "negative_prompt"):
+            if len(getattr(req, name)) > self.max_prompt_chars:
+                raise ValueError(f"{name} must be a string of at most {self.max_prompt_chars} chars")
 
     def _embedding_of(self, req: CacheRequest, hit: LookupResult | None = None) -> np.ndarray:
         if req.embedding is not None:

@@ -4,19 +4,20 @@ request (:class:`CacheRequest`) and a lookup's outcome (:class:`LookupResult`).
 Invariants:
     * A ``Namespace`` is valid on construction (non-empty strings of at most 200 chars); entries are only reused
       within one namespace, and the opt-in shared pool is ``tenant=SHARED_TENANT``.
-    * :meth:`CacheRequest.exact_key` depends on every field the exact tier keys on and on nothing else (not the
-      tenant, not the embedding): equal keys mean the same image.
+    * A ``CacheRequest`` is a ``nirvana.generation.GenerationRequest`` (checked on construction) plus where it may
+      reuse states; :meth:`CacheRequest.exact_key` is the request's digest with the namespace's model_key and
+      depends on nothing else (not the tenant, not the embedding): equal keys mean the same image.
     * A ``LookupResult`` with ``tier == "miss"`` has ``k == 0`` and no state or source; ``k <= k_policy``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
+
+from nirvana.generation import GenerationRequest
 
 SHARED_TENANT = "__shared__"
 Tier = Literal["exact", "approximate", "miss"]
@@ -37,36 +38,21 @@ class Namespace:
                 raise ValueError(f"namespace.{name} must be a non-empty string of at most 200 chars, got {v!r}")
 
 
-@dataclass
-class CacheRequest:
-    """What a generation asks for (everything the exact tier keys on, plus the namespace)."""
+@dataclass(frozen=True)
+class CacheRequest(GenerationRequest):
+    """A generation request (its fields first: ``CacheRequest(prompt, negative_prompt, seed, steps, guidance,
+    width, height, namespace)``) in the namespace it may reuse states of, with its prompt's embedding if known."""
 
-    prompt: str
-    negative_prompt: str
-    seed: int
-    steps: int
-    guidance: float
-    width: int
-    height: int
     namespace: Namespace
     embedding: np.ndarray | None = None
 
+    @classmethod
+    def of(cls, request: GenerationRequest, namespace: Namespace, embedding: np.ndarray | None = None) -> CacheRequest:
+        return cls(**request.fields(), namespace=namespace, embedding=embedding)
+
     def exact_key(self) -> str:
         """Digest of (prompt, negative prompt, seed, steps, guidance, size, model_key)."""
-        blob = json.dumps(
-            [
-                self.prompt,
-                self.negative_prompt,
-                int(self.seed),
-                int(self.steps),
-                round(float(self.guidance), 6),
-                int(self.width),
-                int(self.height),
-                self.namespace.model_key,
-            ],
-            ensure_ascii=False,
-        )
-        return hashlib.sha256(blob.encode()).hexdigest()
+        return self.digest(self.namespace.model_key)
 
 
 @dataclass

@@ -22,7 +22,7 @@ import json
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any
 
@@ -30,6 +30,7 @@ import numpy as np
 import psycopg
 from psycopg.rows import dict_row
 
+from nirvana.generation import GenerationRequest
 from nirvana.service.errors import Conflict, FieldError, NotFound
 from nirvana.service.plan import CachePlan, RenderPlan
 from nirvana.service.schemas import TERMINAL
@@ -69,17 +70,12 @@ def make_pool(url: str, max_size: int = 8, name: str = "nirvana-jobs", timeout: 
 
 @dataclass
 class NewJob:
-    """A validated job to insert (defaults already applied, seed concrete)."""
+    """A validated job to insert: its generation request (defaults already applied, seed concrete; stored in the
+    columns of the same names) and where and how it runs."""
 
     id: str
     tenant: str
-    prompt: str
-    negative_prompt: str
-    seed: int
-    steps: int
-    guidance: float
-    width: int
-    height: int
+    request: GenerationRequest
     model: str
     model_key: str
     render_queue: str
@@ -89,6 +85,11 @@ class NewJob:
     batch_id: str | None = None
     batch_index: int | None = None
     cache_tenant: str | None = None  # the cache namespace's tenant: this tenant, or the shared pool
+
+    def columns(self) -> dict[str, Any]:
+        """Column → value of the job's row (``_INSERT_COLS``)."""
+        own = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "request"}
+        return {**own, **self.request.fields()}
 
 
 _INSERT_COLS = (
@@ -147,7 +148,8 @@ class JobStore:
             FieldError("Idempotency-Key"): the key was used with a different body (HTTP 422).
             Conflict: the original job with this key is still being created (not yet enqueued; HTTP 409).
         """
-        vals = [getattr(job, c) for c in _INSERT_COLS]
+        cols = job.columns()
+        vals = [cols[c] for c in _INSERT_COLS]
         sql = (
             f"INSERT INTO jobs ({', '.join(_INSERT_COLS)}) VALUES ({', '.join(['%s'] * len(vals))}) "
             "ON CONFLICT (tenant, idempotency_key) DO NOTHING RETURNING *"
@@ -171,10 +173,11 @@ class JobStore:
         batch_id = new_id()
         with self.conn() as c, c.transaction():
             c.execute("INSERT INTO batches (id, tenant, total) VALUES (%s, %s, %s)", (batch_id, tenant, len(jobs)))
+            rows = [{**j.columns(), "batch_id": batch_id} for j in jobs]
             with c.cursor() as cur:
                 cur.executemany(
                     f"INSERT INTO jobs ({', '.join(_INSERT_COLS)}) VALUES ({', '.join(['%s'] * len(_INSERT_COLS))})",
-                    [[batch_id if col == "batch_id" else getattr(j, col) for col in _INSERT_COLS] for j in jobs],
+                    [[r[col] for col in _INSERT_COLS] for r in rows],
                 )
         return batch_id
 

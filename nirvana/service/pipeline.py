@@ -118,7 +118,7 @@ class Router:
             # The steps to capture come from the policy the lookup scales K with: every stored state is askable.
             caps = tuple(self.cache.policy.cached_steps(req.steps))
             if req.embedding is None:
-                req.embedding = self._embed(req.prompt)
+                req = replace(req, embedding=self._embed(req.prompt))
             res = self.cache.lookup(req)
             plan = CachePlan(
                 tier="miss",

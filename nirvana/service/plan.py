@@ -22,6 +22,7 @@ from typing import Any, Literal
 import numpy as np
 
 from nirvana.cache.core import SHARED_TENANT, CacheRequest, LookupResult, Namespace
+from nirvana.generation import GenerationRequest
 
 Tier = Literal["miss", "approximate", "exact"]
 
@@ -148,14 +149,8 @@ def cache_request(job: Mapping[str, Any], shared_pool: bool) -> CacheRequest:
     created (its tenant, or the shared pool when the tenant opted in; ``shared_pool`` only for older rows)."""
     emb = job.get("embedding")
     tenant = job.get("cache_tenant") or (SHARED_TENANT if shared_pool else job["tenant"])
-    return CacheRequest(
-        prompt=job["prompt"],
-        negative_prompt=job["negative_prompt"],
-        seed=int(job["seed"]),
-        steps=int(job["steps"]),
-        guidance=float(job["guidance"]),
-        width=int(job["width"]),
-        height=int(job["height"]),
-        namespace=Namespace(job["model_key"], tenant),
+    return CacheRequest.of(
+        GenerationRequest.from_row(job),
+        Namespace(job["model_key"], tenant),
         embedding=None if emb is None else np.frombuffer(bytes(emb), dtype=np.float32).copy(),
     )

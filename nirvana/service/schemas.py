@@ -1,8 +1,9 @@
 """Wire schemas of the job service (pydantic), shared by the API and the HTTP client.
 
-Static bounds here are hard ceilings; the deployment's own limits (``max_prompt_chars``, ``max_steps``,
-``max_image_size``, ``max_batch_jobs``, the model's size multiple) are enforced by the service and reported the
-same way: HTTP 422 naming the field.
+The request bodies declare the fields of ``nirvana.generation.GenerationRequest`` with its limits (the types
+below); the service resolves a body into one. Static bounds here are hard ceilings; the deployment's own limits
+(``max_prompt_chars``, ``max_steps``, ``max_image_size``, ``max_batch_jobs``, the model's size multiple) are
+enforced by the service and reported the same way: HTTP 422 naming the field.
 """
 
 from __future__ import annotations
@@ -11,24 +12,24 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from nirvana.generation import MAX_GUIDANCE, MAX_MODEL_CHARS, MAX_SEED, MAX_SIDE, MAX_STEPS, MAX_TEXT_CHARS, storable
+
 CacheMode = Literal["auto", "exact", "off"]
 JobStatus = Literal["queued", "routing", "routed", "rendering", "done", "failed", "cancelled"]
 TERMINAL: frozenset[str] = frozenset({"done", "failed", "cancelled"})
-MAX_SEED = 2**63 - 1
 
-
-def _storable(v: str) -> str:
-    """Text Postgres can store: no NUL characters and no unpaired surrogates (JSON allows both)."""
-    if "\x00" in v:
-        raise ValueError(f"must not contain NUL characters (position {v.index(chr(0))})")
-    try:
-        v.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise ValueError(f"not valid Unicode (unpaired surrogate at position {e.start})") from e
-    return v
-
-
-Text = Annotated[str, AfterValidator(_storable)]
+Text = Annotated[str, AfterValidator(storable)]
+# The generation request's fields, as request bodies take them (GenerationRequest's limits). Where a length
+# limit stands relative to the storable check decides pydantic's message, part of the API's 4xx texts: before it,
+# "String should have at most N characters" (prompts); after it, "Value should have at most N items after
+# validation" (the model name, as it always answered).
+Prompt = Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS), AfterValidator(storable)]
+NegativePrompt = Annotated[str, Field(max_length=MAX_TEXT_CHARS), AfterValidator(storable)]
+Steps = Annotated[int, Field(ge=1, le=MAX_STEPS)]
+Guidance = Annotated[float, Field(ge=0, le=MAX_GUIDANCE, allow_inf_nan=False)]
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+Side = Annotated[int, Field(ge=1, le=MAX_SIDE)]
+ModelName = Annotated[Text, Field(max_length=MAX_MODEL_CHARS)]
 
 
 class JobRequest(BaseModel):
@@ -36,14 +37,14 @@ class JobRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    prompt: Text = Field(min_length=1, max_length=100_000)
-    negative_prompt: Text = Field("", max_length=100_000)
-    steps: int | None = Field(None, ge=1, le=1000)
-    guidance: float | None = Field(None, ge=0, le=100, allow_inf_nan=False)
-    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="assigned when absent, always echoed")
-    width: int | None = Field(None, ge=1, le=16384)
-    height: int | None = Field(None, ge=1, le=16384)
-    model: Text | None = Field(None, max_length=200, description="a served model name (default: the first)")
+    prompt: Prompt
+    negative_prompt: NegativePrompt = ""
+    steps: Steps | None = None
+    guidance: Guidance | None = None
+    seed: Seed | None = Field(None, description="assigned when absent, always echoed")
+    width: Side | None = None
+    height: Side | None = None
+    model: ModelName | None = Field(None, description="a served model name (default: the first)")
     cache: CacheMode = "auto"
 
 
@@ -136,18 +137,18 @@ class OpenAIImageRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    prompt: Text = Field(min_length=1, max_length=100_000)
-    model: Text | None = Field(None, max_length=200)
+    prompt: Prompt
+    model: ModelName | None = None
     n: int = Field(1, ge=1, le=10)
     size: str | None = Field(None, pattern=r"^\d{1,5}x\d{1,5}$")
     response_format: Literal["b64_json", "url"] = "b64_json"
     user: str | None = None
     quality: str | None = None
     style: str | None = None
-    negative_prompt: Text = Field("", max_length=100_000)
-    seed: int | None = Field(None, ge=0, le=MAX_SEED)
-    steps: int | None = Field(None, ge=1, le=1000)
-    guidance: float | None = Field(None, ge=0, le=100, allow_inf_nan=False)
+    negative_prompt: NegativePrompt = ""
+    seed: Seed | None = None
+    steps: Steps | None = None
+    guidance: Guidance | None = None
     cache: CacheMode = "auto"
 
 

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 from nirvana.cache.store import LatentStore, token
 from nirvana.config import Settings
+from nirvana.generation import GenerationRequest
 from nirvana.service import jobs as J
 from nirvana.service.errors import Conflict, FieldError, NotFound, Unavailable
 from nirvana.service.keys import KeyVerifier, Principal
@@ -120,9 +121,7 @@ class JobService:
         seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
         if idempotency_key is not None and not (1 <= len(idempotency_key) <= 200 and idempotency_key.isprintable()):
             raise FieldError("Idempotency-Key", "must be 1-200 printable characters")
-        return J.NewJob(
-            id=J.new_id(),
-            tenant=p.tenant,
+        request = GenerationRequest(
             prompt=req.prompt,
             negative_prompt=req.negative_prompt,
             seed=seed,
@@ -130,6 +129,11 @@ class JobService:
             guidance=float(guidance),
             width=width,
             height=height,
+        )
+        return J.NewJob(
+            id=J.new_id(),
+            tenant=p.tenant,
+            request=request,
             model=model.name,
             model_key=model.model_key(height, width),
             render_queue=model.queue,
@@ -248,7 +252,8 @@ class JobService:
 
     # ------------------------------------------------------------------ responses
     def to_job(self, r: dict[str, Any], base_url: str = "") -> Job:
-        total = int(r["steps"])
+        request = GenerationRequest.from_row(r)
+        total = request.steps
         step = int(r["progress_step"] or 0)
         if r["start_step"] is not None and r["status"] == "done":
             step = total
@@ -265,13 +270,7 @@ class JobService:
             id=r["id"],
             status=r["status"],
             batch_id=r["batch_id"],
-            prompt=r["prompt"],
-            negative_prompt=r["negative_prompt"],
-            seed=int(r["seed"]),
-            steps=total,
-            guidance=float(r["guidance"]),
-            width=int(r["width"]),
-            height=int(r["height"]),
+            **request.fields(),
             model=r["model"],
             progress=JobProgress(step=step, total=total, fraction=round(step / total, 4)),
             timings=JobTimings(

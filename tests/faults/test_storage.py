@@ -101,6 +101,7 @@ def test_storage_faults_through_the_render_worker_every_job_succeeds(
     from nirvana.engine.loader import load_model
     from nirvana.engine.loop import EngineLoop
     from nirvana.engine.tiny import build_tiny_sd
+    from nirvana.generation import GenerationRequest
     from nirvana.service.jobs import JobStore, NewJob
     from nirvana.service.models import ServedModel
     from nirvana.service.pipeline import Renderer, Router
@@ -122,8 +123,8 @@ def test_storage_faults_through_the_render_worker_every_job_succeeds(
 
     def job(prompt: str, seed: int, emb: np.ndarray) -> str:
         jid = uuid.uuid4().hex
-        store.create(NewJob(jid, "storage", prompt, "", seed, steps, 1.0, 32, 32, "tiny", model.model_key(32, 32),
-                            model.queue, "auto", jid))  # fmt: skip
+        store.create(NewJob(jid, "storage", GenerationRequest(prompt, "", seed, steps, 1.0, 32, 32), "tiny",
+                            model.model_key(32, 32), model.queue, "auto", jid))  # fmt: skip
         with store.conn() as c:
             c.execute("UPDATE jobs SET embedding = %s WHERE id = %s", (emb.astype(np.float32).tobytes(), jid))
         return jid

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -211,9 +212,7 @@ def test_tenants_never_share_states_unless_both_opted_in(
 
     def req(tenant: str, seed: int, emb: np.ndarray) -> tuple[dict[str, Any], Any]:
         row = _job_row(api, keys[tenant], f"{tenant}'s private scene", seed, db_pool)
-        r = cache_request(row, shared_pool=False)
-        r.embedding = emb
-        return row, r
+        return row, replace(cache_request(row, shared_pool=False), embedding=emb)
 
     outcome: dict[tuple[str, str], str] = {}
     for owner in ("gail", "ivy"):
@@ -257,8 +256,7 @@ def test_storage_keys_never_contain_user_text(api: Any, make_key: Callable[..., 
     key = make_key(tenant)
     prompt = "../../../../etc/passwd %2e%2e/ C:\\Windows\\system32 $(rm -rf /) 'quoted' name.png"
     row = _job_row(api, key, prompt, 1, db_pool)
-    r = cache_request(row, shared_pool=False)
-    r.embedding = np.ones(384, dtype=np.float32) / np.sqrt(384)
+    r = replace(cache_request(row, shared_pool=False), embedding=np.ones(384, dtype=np.float32) / np.sqrt(384))
     cache.record(row["id"], r, states(r.namespace.model_key, [5, 10]), b"\x89PNG fake", None)
     keys = [image_key(tenant, row["id"])]
     with db_pool.connection() as c:

@@ -141,6 +141,7 @@ def test_idempotency(client: Client) -> None:
 
 def test_idempotency_conflict_while_creating(stack: Any, client: Client) -> None:
     """A job row with the key exists but its task was not yet sent: a retry gets 409."""
+    from nirvana.generation import GenerationRequest
     from nirvana.service.jobs import JobStore, NewJob, new_id, request_hash
     from nirvana.service.schemas import JobRequest
 
@@ -154,13 +155,15 @@ def test_idempotency_conflict_while_creating(stack: Any, client: Client) -> None
             NewJob(
                 id=new_id(),
                 tenant=tenant,
-                prompt=req.prompt,
-                negative_prompt="",
-                seed=1,
-                steps=5,
-                guidance=full["guidance"],
-                width=full["width"],
-                height=full["height"],
+                request=GenerationRequest(
+                    prompt=req.prompt,
+                    negative_prompt="",
+                    seed=1,
+                    steps=5,
+                    guidance=full["guidance"],
+                    width=full["width"],
+                    height=full["height"],
+                ),
                 model=full["model"],
                 model_key=full["model_key"],
                 render_queue=full["render_queue"],

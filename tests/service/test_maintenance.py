@@ -15,6 +15,7 @@ import pytest
 
 from nirvana.cache.store import LatentStore
 from nirvana.config import Settings
+from nirvana.generation import GenerationRequest
 from nirvana.service.errors import NotFound
 from nirvana.service.jobs import JobStore, NewJob
 from nirvana.service.pipeline import Maintenance
@@ -76,8 +77,8 @@ def test_sweep_covers_the_store_a_slice_per_run(env: dict[str, Any]) -> None:
 
 def _finished_job(store: JobStore, root: Path, days_ago: float) -> tuple[str, Path]:
     jid = uuid.uuid4().hex
-    store.create(NewJob(jid, "alice", "a red cat", "", 1, 10, 1.0, 32, 32, "m", "m-32x32-ddim", "render.m", "auto",
-                        jid))  # fmt: skip
+    store.create(NewJob(jid, "alice", GenerationRequest("a red cat", "", 1, 10, 1.0, 32, 32), "m", "m-32x32-ddim",
+                        "render.m", "auto", jid))  # fmt: skip
     img = root / "jobs" / f"{jid}.png"
     img.parent.mkdir(parents=True, exist_ok=True)
     img.write_bytes(b"png")

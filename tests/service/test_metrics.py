@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from nirvana.generation import GenerationRequest
 from nirvana.service.jobs import JobStore, NewJob
 from nirvana.service.metrics import JobsCollector
 from nirvana.service.plan import CachePlan, SourceState
@@ -15,8 +16,8 @@ from nirvana.service.plan import CachePlan, SourceState
 
 def _finished_job(store: JobStore, tier: str, k: int, gate_novel: bool | None, steps: int = 50) -> None:
     jid = uuid.uuid4().hex
-    store.create(NewJob(jid, "alice", f"prompt {jid}", "", 1, steps, 7.0, 32, 32, "bundled", "m-32x32-ddim",
-                        "render.bundled", "auto", jid))  # fmt: skip
+    store.create(NewJob(jid, "alice", GenerationRequest(f"prompt {jid}", "", 1, steps, 7.0, 32, 32), "bundled",
+                        "m-32x32-ddim", "render.bundled", "auto", jid))  # fmt: skip
     assert store.claim_route(jid) is not None
     src = SourceState(k, k, 0.9, None, None) if tier == "approximate" else None
     assert store.set_plan(jid, CachePlan(tier, source=src, gate_novel=gate_novel)) is not None
@@ -66,8 +67,8 @@ def test_queue_depth_workers_and_backlog(pg_url: str) -> None:
 
         def job(status: str, steps: int = 50, k: int = 0, progress: int = 0) -> None:
             jid = uuid.uuid4().hex
-            store.create(NewJob(jid, "bob", f"p {jid}", "", 1, steps, 7.0, 32, 32, "bundled", "m-32x32-ddim", q,
-                                "auto", jid))  # fmt: skip
+            store.create(NewJob(jid, "bob", GenerationRequest(f"p {jid}", "", 1, steps, 7.0, 32, 32), "bundled",
+                                "m-32x32-ddim", q, "auto", jid))  # fmt: skip
             with store.conn() as c:
                 c.execute(
                     "UPDATE jobs SET status = %s, k = %s, progress_step = %s, engine_s = %s, steps_run = %s, "

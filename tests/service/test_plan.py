@@ -18,6 +18,7 @@ from nirvana.engine.core import EngineCore
 from nirvana.engine.loader import ModelComponents, load_model
 from nirvana.engine.loop import EngineLoop
 from nirvana.engine.tiny import build_tiny_sd
+from nirvana.generation import GenerationRequest
 from nirvana.service.jobs import JobStore, NewJob
 from nirvana.service.models import ServedModel
 from nirvana.service.pipeline import Renderer, Router
@@ -69,8 +70,8 @@ def parts(pg_url: str, tmp_path: Path, comps: ModelComponents) -> Iterator[dict[
 def _job(p: dict[str, Any], prompt: str, steps: int, emb: np.ndarray, tenant: str) -> str:
     jid = uuid.uuid4().hex
     m: ServedModel = p["model"]
-    p["store"].create(NewJob(jid, tenant, prompt, "", 7, steps, 1.0, 32, 32, m.name, m.model_key(32, 32),
-                             m.queue, "auto", jid))  # fmt: skip
+    p["store"].create(NewJob(jid, tenant, GenerationRequest(prompt, "", 7, steps, 1.0, 32, 32), m.name,
+                             m.model_key(32, 32), m.queue, "auto", jid))  # fmt: skip
     with p["store"].conn() as c:  # the embedding the router would compute: fixed here to set the similarity
         c.execute("UPDATE jobs SET embedding = %s WHERE id = %s", (emb.astype(np.float32).tobytes(), jid))
     return jid

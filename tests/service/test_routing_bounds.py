@@ -15,6 +15,7 @@ import pytest
 
 from nirvana.cache.store import LatentStore
 from nirvana.config import Settings
+from nirvana.generation import GenerationRequest
 from nirvana.service import models as served
 from nirvana.service.jobs import JobStore, NewJob
 from nirvana.service.pipeline import Router
@@ -31,8 +32,8 @@ def store(pg_url: str) -> Iterator[JobStore]:
 
 def _new_job(store: JobStore, embedding: bytes | None = None) -> str:
     jid = uuid.uuid4().hex
-    store.create(NewJob(jid, "alice", "a red cat", "", 1, 10, 1.0, 32, 32, "m", "m-32x32-ddim", "render.m", "auto",
-                        jid))  # fmt: skip
+    store.create(NewJob(jid, "alice", GenerationRequest("a red cat", "", 1, 10, 1.0, 32, 32), "m", "m-32x32-ddim",
+                        "render.m", "auto", jid))  # fmt: skip
     store.mark_enqueued([jid])
     if embedding is not None:
         with store.conn() as c:
