@@ -73,7 +73,7 @@ def router() -> Any:
 
             torch.set_num_threads(settings().router_threads)
         # Route tasks run on threads; their prompts are embedded together (one model call per micro-batch).
-        _state["router"] = Router(settings(), store(), cache(), sender(), batch_embeddings=True)
+        _state["router"] = Router(settings(), store(), cache(), sender(), batched=True)
     return _state["router"]
 
 

@@ -45,7 +45,7 @@ def test_shares_a_loaded_model(embedder: MiniLMEmbedder) -> None:
 def test_length_chunks_bound_padding_and_keep_results(embedder: MiniLMEmbedder) -> None:
     """Texts of very different lengths run in length-sorted chunks within the token budget; the vectors equal
     one unchunked forward pass of all of them (padding is masked out of the pooling)."""
-    words = "castle fox boat lantern mountain river forest dragon tower meadow".split()
+    words = ["castle", "fox", "boat", "lantern", "mountain", "river", "forest", "dragon", "tower", "meadow"]
     texts = [" ".join(words[: 1 + (i * 7) % 10] * (1 + i % 6)) for i in range(24)]
     chunked = MiniLMEmbedder(model=embedder.model, batch_size=8, token_budget=96)
     groups = chunked.chunks(texts)
