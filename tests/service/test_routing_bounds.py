@@ -179,3 +179,33 @@ def test_one_jobs_failure_in_a_route_batch_is_its_own(pg_url: str, store: JobSto
     finally:
         router.close()
         cache.close()
+
+
+def test_router_remembers_recent_prompt_embeddings(pg_url: str, store: JobStore, tmp_path: Path) -> None:
+    """A re-rolled prompt (same text, new seed) is not embedded again while it is among the
+    ``route_embed_memo`` most recent prompts; the job gets the same embedding either way."""
+    from nirvana.cache.core import ApproximateCache
+    from nirvana.cache.embedder import MiniLMEmbedder
+    from nirvana.cache.policy import KPolicy
+
+    cache = ApproximateCache(pg_url, LatentStore(str(tmp_path / "b")), MiniLMEmbedder(), KPolicy.paper(), pool_size=4)
+    calls: list[list[str]] = []
+    real = cache.embed
+    cache.embed = lambda prompts: calls.append(list(prompts)) or real(prompts)  # type: ignore[method-assign]
+    settings = Settings(database_url=pg_url, route_embed_memo=1, cache_novelty_gate=False)
+    router = Router(settings, store, cache, RecordingSender())
+    try:
+        jobs = []
+        for prompt in ["a red fox", "a red fox", "a castle", "a red fox"]:
+            jid = _new_job(store)
+            with store.conn() as c:
+                c.execute("UPDATE jobs SET prompt = %s WHERE id = %s", (prompt, jid))
+            assert router.route(jid) == "miss"
+            jobs.append(jid)
+        # The second fox was remembered; the memo (1 prompt) forgot it for the castle.
+        assert calls == [["a red fox"], ["a castle"], ["a red fox"]]
+        embs = [np.frombuffer(bytes(store.get(j)["embedding"]), dtype=np.float32) for j in jobs]
+        assert np.array_equal(embs[0], embs[1]) and np.allclose(embs[0], embs[3], atol=1e-6)
+        assert router.embed(["a boat", "a boat"]).keys() == {"a boat"} and calls[-1] == ["a boat"]  # once
+    finally:
+        cache.close()
