@@ -89,6 +89,8 @@ def run_router_bench(
 
     say = progress or (lambda _m: None)
     prompts, source = bench_prompts(2 * jobs * len(batch_sizes) + (400 if evict_states else 0))
+    say("embedding alone (the ceiling of a router that did nothing else)")
+    ceilings = {b: embedding_ceiling(prompts[:jobs], b, router_threads) for b in batch_sizes}
     evict: dict[str, Any] | None = None
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="nirvana-bench-router-") as tmp:
@@ -140,6 +142,8 @@ def run_router_bench(
                         "latency_p99_s": _pct(lat, 99),
                         "latency_mean_s": round(statistics.fmean(lat), 4),
                         "submit_s": round(time.time() - t0, 1),
+                        "embed_only_prompts_per_s": ceilings[b],
+                        "of_embed_only": round(thr / ceilings[b], 2),
                     }
                 )
                 say(f"router batch {b}: p50 {rows[-1]['latency_p50_s']} s, p99 {rows[-1]['latency_p99_s']} s")
@@ -154,6 +158,28 @@ def run_router_bench(
     for r in rows:
         r["ratio_vs_first"] = round(r["prompts_per_s"] / base, 2) if base else None
     return {"bench": "router", "prompts": source, "jobs_per_run": jobs, "rate": rate, "rows": rows, "eviction": evict}
+
+
+def embedding_ceiling(prompts: list[str], batch: int, threads: int) -> float:
+    """Prompts/s of the router's embedder alone (``MiniLMEmbedder``, ``threads`` torch threads as the router
+    sets them, 0: torch's default) on ``prompts`` in calls of ``batch``, in this process before any service
+    runs: what a router could reach if claiming, lookup, plan and messages cost nothing."""
+    import torch
+
+    from nirvana.cache.embedder import MiniLMEmbedder
+
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        emb = MiniLMEmbedder()
+        emb.embed(prompts[:batch])  # load and warm up
+        t0 = time.perf_counter()
+        for i in range(0, len(prompts), batch):
+            emb.embed(prompts[i : i + batch])
+        return round(len(prompts) / (time.perf_counter() - t0), 1)
+    finally:
+        torch.set_num_threads(before)
 
 
 def _latency_run(client: Any, pool: Any, prompts: list[str], rate: float) -> tuple[float, list[float]]:
@@ -262,12 +288,14 @@ def format_table(res: dict[str, Any]) -> str:
     lines = [
         f"router through the real path ({res['prompts']}; {res['jobs_per_run']} jobs per run)",
         "",
-        "| route max batch | prompts/s (burst) | × first | offered rate | latency p50 / p99 (s) |",
-        "|---|---|---|---|---|",
+        "| route max batch | prompts/s (burst) | × first | embedding alone (prompts/s) | of it | offered rate "
+        "| latency p50 / p99 (s) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in res["rows"]:
         lines.append(
-            f"| {r['route_max_batch']} | {r['prompts_per_s']} | {r['ratio_vs_first']} | {r['offered_rate_per_s']}/s | "
+            f"| {r['route_max_batch']} | {r['prompts_per_s']} | {r['ratio_vs_first']} | "
+            f"{r['embed_only_prompts_per_s']} | {r['of_embed_only']} | {r['offered_rate_per_s']}/s | "
             f"{r['latency_p50_s']} / {r['latency_p99_s']} |"
         )
     e = res.get("eviction")
