@@ -24,7 +24,7 @@ def database_url(url: str | None) -> Iterator[str]:
     if url:
         yield url
         return
-    from nirvana.services.postgres import EmbeddedPostgres
+    from nirvana.embedded.postgres import EmbeddedPostgres
 
     server = EmbeddedPostgres(Path(get_settings().data_dir) / "postgres")
     try:
