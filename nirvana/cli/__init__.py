@@ -1,4 +1,11 @@
-"""The ``nirvana`` command line (Typer). Heavy imports happen inside commands, never at import time."""
+"""The ``nirvana`` command line (Typer). Heavy imports happen inside commands, never at import time.
+
+This module holds ``app``, ``main`` and the model commands (``generate``, ``train-model``, ``train-probe``,
+``eval-model``, ``gallery``, ``calibrate``, ``bench engine|quality``); the other commands live beside it and are
+mounted by :func:`_mount_subcommands`: ``cache`` (``migrate``, ``cache …``), ``bench`` (``bench index|codecs|trace|
+gpu|batching|router``) and ``service`` (``up``, ``demo``, ``render``, ``keys …``, ``bench e2e``). ``demo`` holds
+the demo's workload driver (HTTP client side, gallery, in-process replay), used by ``demo`` and ``bench e2e``.
+"""
 
 from __future__ import annotations
 
@@ -321,9 +328,9 @@ def _mount_subcommands() -> None:
     """
     if any(c.name == "trace" for c in bench_app.registered_commands):
         return
-    from nirvana.bench.commands import register as register_bench
-    from nirvana.cache.commands import register as register_cache
-    from nirvana.service.commands import register as register_service
+    from nirvana.cli.bench import register as register_bench
+    from nirvana.cli.cache import register as register_cache
+    from nirvana.cli.service import register as register_service
 
     for register in (register_cache, register_bench, register_service):
         register(app, bench_app)
@@ -332,7 +339,3 @@ def _mount_subcommands() -> None:
 def main() -> None:
     _mount_subcommands()
     app()
-
-
-if __name__ == "__main__":
-    main()

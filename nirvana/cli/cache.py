@@ -1,6 +1,6 @@
 """CLI commands of the cache: ``nirvana migrate`` and ``nirvana cache stats|evict|sweep|refit-gate``.
 
-Mounted by ``nirvana/cli.py`` through :func:`register`. Heavy imports happen inside the commands.
+Mounted by ``nirvana.cli`` through :func:`register`. Heavy imports happen inside the commands.
 """
 
 from __future__ import annotations
