@@ -262,9 +262,9 @@ def demo(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from nirvana.cli.demo import demo_requests, run_workload, write_gallery
     from nirvana.embedded.stack import Stack
     from nirvana.service.client import Client
-    from nirvana.service.demo import demo_requests, run_workload, write_gallery
 
     console = _stderr_console()
     stack = None
@@ -370,10 +370,10 @@ def _direct_replay(res: Any, clients: dict[str, Any], model: str | None, console
     """``direct_engine_replay`` on the served model loaded in this process, with a progress bar."""
     from rich.progress import Progress
 
+    from nirvana.cli.demo import direct_engine_replay
     from nirvana.config import get_settings
     from nirvana.engine.engine import DiffusionEngine
     from nirvana.engine.loader import load_model
-    from nirvana.service.demo import direct_engine_replay
 
     engine = DiffusionEngine(load_model(model or get_settings().model, device="auto"))
     with Progress(console=console) as bar:
