@@ -102,7 +102,7 @@ def train_model_cmd(
 ) -> None:
     """Train the bundled scene model (≈77 min on 2 cores, alone; the defaults reproduce the committed v4).
     Retrain rarely: weights live in git."""
-    from nirvana.world.train import train_model
+    from nirvana.scene.train import train_model
 
     summary = train_model(
         out,
@@ -131,7 +131,7 @@ def train_probe_cmd(
     seed: Annotated[int, typer.Option(help="seed")] = 0,
 ) -> None:
     """Train the attribute probe used by adherence and probe-FID (a few minutes)."""
-    from nirvana.world.probe import train_probe
+    from nirvana.scene.probe import train_probe
 
     typer.echo(json.dumps(train_probe(out, steps=steps, seed=seed)))
 
@@ -146,7 +146,7 @@ def eval_model_cmd(
     out: Annotated[Path | None, typer.Option(help="also write the JSON here")] = None,
 ) -> None:
     """Adherence, probe accuracy and probe-FID on held-out combinations, and the K × similarity table."""
-    from nirvana.world.evaluate import evaluate_model, format_table
+    from nirvana.scene.evaluate import evaluate_model, format_table
 
     engine, metrics = _bundled_engine_and_probe(model)
     res = evaluate_model(engine, metrics, steps=steps, guidance=guidance, pairs=pairs)
@@ -176,7 +176,7 @@ def gallery(
     steps: Annotated[int, typer.Option(help="denoising steps")] = 50,
 ) -> None:
     """Render a gallery of the bundled model (PNG grid + HTML with prompts) and print adherence."""
-    from nirvana.world.gallery import render_gallery
+    from nirvana.scene.gallery import render_gallery
 
     res = render_gallery(out, n=n, steps=steps)
     typer.echo(f"wrote {res['html']} and {res['grid']}")
@@ -187,7 +187,7 @@ def _bundled_engine_and_probe(model: str = "bundled"):  # type: ignore[no-untype
     from nirvana.config import bundled_probe_dir
     from nirvana.engine.engine import DiffusionEngine
     from nirvana.engine.loader import load_model
-    from nirvana.world.metrics import ProbeMetrics
+    from nirvana.scene.metrics import ProbeMetrics
 
     try:
         return DiffusionEngine(load_model(model, device="auto")), ProbeMetrics(bundled_probe_dir())
@@ -219,7 +219,7 @@ def calibrate(
     from nirvana.bench.calibrate import fit_policy
     from nirvana.bench.report import md_table, write_report
     from nirvana.cache.policy import KPolicy, policies_dir
-    from nirvana.world.evaluate import format_table, k_similarity_table, make_pairs
+    from nirvana.scene.evaluate import format_table, k_similarity_table, make_pairs
 
     engine, metrics = _bundled_engine_and_probe()
     if table_file is not None:
