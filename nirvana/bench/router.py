@@ -80,12 +80,12 @@ def run_router_bench(
         raise ValueError(f"--rate must be > 0, got {rate}")
     if not batch_sizes or min(batch_sizes) < 1:
         raise ValueError(f"--batch-sizes must be integers >= 1, got {list(batch_sizes)}")
+    from nirvana.embedded.postgres import free_port
+    from nirvana.embedded.stack import Stack, StackConfig
     from nirvana.service.client import Client
     from nirvana.service.jobs import make_pool
     from nirvana.service.keys import create_key
     from nirvana.service.models import ServedModel, register
-    from nirvana.service.stack import Stack, StackConfig
-    from nirvana.services.postgres import free_port
 
     say = progress or (lambda _m: None)
     prompts, source = bench_prompts(2 * jobs * len(batch_sizes) + (400 if evict_states else 0))
