@@ -22,6 +22,9 @@ from nirvana.cache.eviction import EvictionPolicy, tenant_overflows
 from nirvana.cache.index_conn import IndexConnection, retry
 
 EVICT_LOCK_KEY = 0x6E766576  # "nvev"
+# Phase 1 orders the states once per this many batches. The list is a snapshot: a state hit after it was taken
+# may still go in this run (its prompt keeps its floor: the whole list was a valid eviction prefix when taken).
+LOOKAHEAD = 100
 
 # Prompts in a batch left with no state (after their states or image went): their image blob ids come back.
 _DELETE_EMPTY_PROMPTS = (
@@ -174,6 +177,7 @@ class EvictionSql(IndexConnection):
         floor = policy.min_states_per_prompt
 
         evicting = [False]  # stored bytes exceeded the budget during this call
+        ahead: list[int] = []  # phase 1: the next states in policy order, taken by one ordering pass
 
         def step() -> bool:
             with self.connection() as conn, conn.transaction():
@@ -193,7 +197,12 @@ class EvictionSql(IndexConnection):
                 if not drop and overflow <= 0:
                     return False
                 p = {**params, "bound": overflow, "batch": batch, "floor": floor}
-                ids = [] if drop else [int(x[0]) for x in conn.execute(q["states"], p)]  # type: ignore[call-overload]
+                if not drop and not ahead:
+                    # One ordering pass for up to LOOKAHEAD batches: the pass scans and scores every state
+                    # whatever its LIMIT, so taking one per batch made a large eviction that many full scans.
+                    ahead.extend(int(x[0]) for x in conn.execute(q["states"], {**p, "batch": batch * LOOKAHEAD}))  # type: ignore[call-overload]
+                ids = [] if drop else ahead[:batch]
+                del ahead[: len(ids)]
                 if drop:
                     pids = sorted(int(d[0]) for d in drop)
                     blob_ids = {int(d[1]) for d in drop}
