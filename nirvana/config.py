@@ -121,7 +121,7 @@ class Settings(BaseSettings):
         500, ge=1, le=100_000, description="cache entries one eviction transaction removes (shorter: smaller stalls)"
     )
     evict_duty: float = Field(
-        0.25,
+        0.1,
         gt=0,
         le=1,
         description="share of wall time eviction may be busy: after a batch of t s it sleeps t * (1 - duty) / duty "
