@@ -103,6 +103,13 @@ class Settings(BaseSettings):
     route_max_batch: int = Field(
         32, ge=1, le=1024, description="route tasks one router runs at once; their prompts are embedded together"
     )
+    route_embed_memo: int = Field(
+        4096,
+        ge=0,
+        le=1_000_000,
+        description="prompts whose embedding a router remembers (LRU; 1.5 KiB each; 0: none): a re-rolled prompt "
+        "skips the embedding model",
+    )
     route_max_wait_ms: float = Field(
         5.0, ge=0, le=10_000, description="the router's embedding batch waits this long for more prompts"
     )
@@ -110,6 +117,16 @@ class Settings(BaseSettings):
     reaper_stale_s: float = Field(60.0, ge=5, description="a rendering job without heartbeat this long is stuck")
     reaper_requeue_s: float = Field(600.0, ge=10, description="re-send queued/routed jobs idle this long")
     beat_evict_s: float = Field(60.0, gt=0)
+    evict_batch: int = Field(
+        500, ge=1, le=100_000, description="cache entries one eviction transaction removes (shorter: smaller stalls)"
+    )
+    evict_duty: float = Field(
+        0.1,
+        gt=0,
+        le=1,
+        description="share of wall time eviction may be busy: after a batch of t s it sleeps t * (1 - duty) / duty "
+        "(1: no pause), so a large eviction leaves the CPU to routing",
+    )
     beat_gate_s: float = Field(300.0, gt=0)
     beat_reap_s: float = Field(15.0, gt=0)
     beat_sweep_s: float = Field(60.0, gt=0, description="orphan sweep period (each run: a slice of the store)")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from nirvana.services.postgres import EmbeddedPostgres, free_port
+from nirvana.embedded.postgres import EmbeddedPostgres, free_port
 
 
 @pytest.fixture(scope="session")

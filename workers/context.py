@@ -132,8 +132,8 @@ class WorkerContext:
         def build() -> Router:
             if self.settings.router_threads:
                 torch.set_num_threads(self.settings.router_threads)
-            # Route tasks run on threads; their prompts are embedded together (one model call per micro-batch).
-            return Router(self.settings, self.store(), self.cache(), self.sender, batch_embeddings=True)
+            # Route tasks run on threads; the jobs routed at once are claimed, embedded and planned together.
+            return Router(self.settings, self.store(), self.cache(), self.sender, batched=True)
 
         return self._once("router", build)
 

@@ -1,6 +1,6 @@
 """``nirvana calibrate``: fit the similarity → K table to a quality target for one model.
 
-For each similarity bucket of the K × similarity table (``nirvana.world.evaluate.k_similarity_table``), the
+For each similarity bucket of the K × similarity table (``nirvana.scene.evaluate.k_similarity_table``), the
 largest K whose hits keep at least ``target`` × the full-generation adherence of the *same* pairs, judged by a
 one-sided Wilson lower bound (few pairs cannot claim a large K by luck). Assumption: resuming from a more similar
 prompt's state is never worse, so K never falls as similarity rises — a bucket without enough evidence keeps what

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from nirvana.world.metrics import ImageMetric
+    from nirvana.scene.metrics import ImageMetric
 
 
 def _bundled_present() -> tuple[bool, Path]:
@@ -35,7 +35,7 @@ def _default_metric(model: str) -> tuple[ImageMetric | None, str]:
         return None, "adherence needs the bundled model and its probe"
     try:
         from nirvana.config import bundled_probe_dir
-        from nirvana.world.metrics import ProbeMetrics
+        from nirvana.scene.metrics import ProbeMetrics
 
         probe = bundled_probe_dir()
         if not probe.exists():
@@ -49,7 +49,7 @@ def _prompts(model: str, n: int, seed: int) -> list[str]:
     import random
 
     if model == "bundled":
-        from nirvana.world.scene import all_scenes, write_prompt
+        from nirvana.scene.world import all_scenes, write_prompt
 
         rng = random.Random(seed)
         return [write_prompt(s, rng) for s in rng.sample(all_scenes(), n)]

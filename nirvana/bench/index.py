@@ -158,7 +158,7 @@ def fresh_database(database_url: str | None) -> Iterator[str]:
     server = None
     tmp = None
     if not database_url:
-        from nirvana.services.postgres import EmbeddedPostgres
+        from nirvana.embedded.postgres import EmbeddedPostgres
 
         tmp = tempfile.mkdtemp(prefix="nirvana-bench-pg-")
         server = EmbeddedPostgres(Path(tmp) / "data", fast=True, delete_on_stop=True)

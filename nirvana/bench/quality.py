@@ -1,7 +1,7 @@
 """``nirvana bench quality``: what approximate caching costs in image quality, against what a user could pick instead.
 
 On the bundled model and probe, for (cached prompt, new prompt) pairs drawn like a user refining prompts
-(``nirvana.world.evaluate.make_pairs``), every row is measured on the same pairs and seeds in one run:
+(``nirvana.scene.evaluate.make_pairs``), every row is measured on the same pairs and seeds in one run:
 
 * ``full``           — full generation of the new prompt (the reference; 0 steps saved);
 * ``paper``          — resume from the cached prompt's state at the paper's K (largest stored k ≤ K);
@@ -27,9 +27,9 @@ from nirvana.cache.policy import KPolicy
 from nirvana.cache.store import decode_latent, encode_latent
 from nirvana.engine.engine import DiffusionEngine
 from nirvana.engine.state import CapturedState
-from nirvana.world.evaluate import TABLE_K, cosine_similarities, generate_batched, make_pairs
-from nirvana.world.metrics import ProbeMetrics
-from nirvana.world.scene import Scene, render, to_array
+from nirvana.scene.evaluate import TABLE_K, cosine_similarities, generate_batched, make_pairs
+from nirvana.scene.metrics import ProbeMetrics
+from nirvana.scene.world import Scene, render, to_array
 
 CODECS: tuple[str, ...] = ("fp32", "fp16", "fp16-zstd", "int8-zstd")
 

@@ -80,15 +80,17 @@ def run_router_bench(
         raise ValueError(f"--rate must be > 0, got {rate}")
     if not batch_sizes or min(batch_sizes) < 1:
         raise ValueError(f"--batch-sizes must be integers >= 1, got {list(batch_sizes)}")
+    from nirvana.embedded.postgres import free_port
+    from nirvana.embedded.stack import Stack, StackConfig
     from nirvana.service.client import Client
     from nirvana.service.jobs import make_pool
     from nirvana.service.keys import create_key
     from nirvana.service.models import ServedModel, register
-    from nirvana.service.stack import Stack, StackConfig
-    from nirvana.services.postgres import free_port
 
     say = progress or (lambda _m: None)
     prompts, source = bench_prompts(2 * jobs * len(batch_sizes) + (400 if evict_states else 0))
+    say("embedding alone (the ceiling of a router that did nothing else)")
+    ceilings = {b: embedding_ceiling(prompts[:jobs], b, router_threads) for b in batch_sizes}
     evict: dict[str, Any] | None = None
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="nirvana-bench-router-") as tmp:
@@ -140,6 +142,8 @@ def run_router_bench(
                         "latency_p99_s": _pct(lat, 99),
                         "latency_mean_s": round(statistics.fmean(lat), 4),
                         "submit_s": round(time.time() - t0, 1),
+                        "embed_only_prompts_per_s": ceilings[b],
+                        "of_embed_only": round(thr / ceilings[b], 2),
                     }
                 )
                 say(f"router batch {b}: p50 {rows[-1]['latency_p50_s']} s, p99 {rows[-1]['latency_p99_s']} s")
@@ -154,6 +158,28 @@ def run_router_bench(
     for r in rows:
         r["ratio_vs_first"] = round(r["prompts_per_s"] / base, 2) if base else None
     return {"bench": "router", "prompts": source, "jobs_per_run": jobs, "rate": rate, "rows": rows, "eviction": evict}
+
+
+def embedding_ceiling(prompts: list[str], batch: int, threads: int) -> float:
+    """Prompts/s of the router's embedder alone (``MiniLMEmbedder``, ``threads`` torch threads as the router
+    sets them, 0: torch's default) on ``prompts`` in calls of ``batch``, in this process before any service
+    runs: what a router could reach if claiming, lookup, plan and messages cost nothing."""
+    import torch
+
+    from nirvana.cache.embedder import MiniLMEmbedder
+
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        emb = MiniLMEmbedder()
+        emb.embed(prompts[:batch])  # load and warm up
+        t0 = time.perf_counter()
+        for i in range(0, len(prompts), batch):
+            emb.embed(prompts[i : i + batch])
+        return round(len(prompts) / (time.perf_counter() - t0), 1)
+    finally:
+        torch.set_num_threads(before)
 
 
 def _latency_run(client: Any, pool: Any, prompts: list[str], rate: float) -> tuple[float, list[float]]:
@@ -208,15 +234,21 @@ def _eviction_side_by_side(
         if not maint.alive:
             raise RuntimeError(f"the maintenance worker exited:\n{maint.tail()}")
         time.sleep(0.2)
+    started = time.monotonic()
     before = _states(pool)
     say("eviction: routing while the maintenance worker evicts")
     _, busy = _latency_run(client, pool, prompts[200:400], rate)
     during = before - _states(pool)
+    say("eviction: waiting for it to finish")
+    while _states(pool) > 0 and time.monotonic() < started + 1800 and maint.alive:
+        time.sleep(0.5)
+    evict_s = time.monotonic() - started if _states(pool) == 0 else None
     maint.stop()
     p99 = (_pct(quiet, 99), _pct(busy, 99))
     return {
         "states_cached": cached,
         "states_evicted_during_run": during,
+        "evict_all_s": None if evict_s is None else round(evict_s, 1),
         "rate": rate,
         "alone_p50_s": _pct(quiet, 50),
         "alone_p99_s": p99[0],
@@ -262,12 +294,14 @@ def format_table(res: dict[str, Any]) -> str:
     lines = [
         f"router through the real path ({res['prompts']}; {res['jobs_per_run']} jobs per run)",
         "",
-        "| route max batch | prompts/s (burst) | × first | offered rate | latency p50 / p99 (s) |",
-        "|---|---|---|---|---|",
+        "| route max batch | prompts/s (burst) | × first | embedding alone (prompts/s) | of it | offered rate "
+        "| latency p50 / p99 (s) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in res["rows"]:
         lines.append(
-            f"| {r['route_max_batch']} | {r['prompts_per_s']} | {r['ratio_vs_first']} | {r['offered_rate_per_s']}/s | "
+            f"| {r['route_max_batch']} | {r['prompts_per_s']} | {r['ratio_vs_first']} | "
+            f"{r['embed_only_prompts_per_s']} | {r['of_embed_only']} | {r['offered_rate_per_s']}/s | "
             f"{r['latency_p50_s']} / {r['latency_p99_s']} |"
         )
     e = res.get("eviction")
@@ -275,6 +309,7 @@ def format_table(res: dict[str, Any]) -> str:
         lines.append(
             f"\nwhile evicting ({e['states_evicted_during_run']} of {e['states_cached']} states evicted during the "
             f"run, {e['rate']}/s offered): p50 {e['alone_p50_s']} -> {e['evicting_p50_s']} s, "
-            f"p99 {e['alone_p99_s']} -> {e['evicting_p99_s']} s (x{e['p99_ratio']})"
+            f"p99 {e['alone_p99_s']} -> {e['evicting_p99_s']} s (x{e['p99_ratio']}); evicting all took "
+            f"{e['evict_all_s']} s"
         )
     return "\n".join(lines)

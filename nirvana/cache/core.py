@@ -362,12 +362,18 @@ class ApproximateCache(RecordPath):
             return None
 
     # ------------------------------------------------------------------ maintenance
-    def evict_to_budget(self) -> dict[str, Any]:
+    def evict_to_budget(self, batch: int = 2000, pace: Callable[[float], None] | None = None) -> dict[str, Any]:
         """Evict (policy order) until every tenant stores ≤ ``tenant_budget_bytes`` (if set) — each tenant over
-        it losing only its own entries — and all together ≤ ``budget_bytes``; rows first, then objects.
+        it losing only its own entries — and all together ≤ ``budget_bytes``; rows first, then objects, in
+        transactions of at most ``batch`` entries, ``pace(seconds)`` called after each.
         Returns counts/bytes (``tenants``: bytes freed per tenant that was over its budget)."""
         res = self.index.evict_to_budget(
-            self.eviction, self.budget_bytes, self.clock(), tenant_budget_bytes=self.tenant_budget_bytes
+            self.eviction,
+            self.budget_bytes,
+            self.clock(),
+            batch=batch,
+            tenant_budget_bytes=self.tenant_budget_bytes,
+            pace=pace,
         )
         uris = res.pop("uris")
         res["objects_deleted"] = self.store.delete(uris)

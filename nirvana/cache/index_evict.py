@@ -14,12 +14,17 @@ Invariants:
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Any
 
 from nirvana.cache.eviction import EvictionPolicy, tenant_overflows
 from nirvana.cache.index_conn import IndexConnection, retry
 
 EVICT_LOCK_KEY = 0x6E766576  # "nvev"
+# Phase 1 orders the states once per this many batches. The list is a snapshot: a state hit after it was taken
+# may still go in this run (its prompt keeps its floor: the whole list was a valid eviction prefix when taken).
+LOOKAHEAD = 100
 
 # Prompts in a batch left with no state (after their states or image went): their image blob ids come back.
 _DELETE_EMPTY_PROMPTS = (
@@ -112,6 +117,7 @@ class EvictionSql(IndexConnection):
         now: float,
         batch: int = 2000,
         tenant_budget_bytes: int = 0,
+        pace: Callable[[float], None] | None = None,
     ) -> dict[str, Any]:
         """Evict in ``policy`` order until every tenant stores ≤ ``tenant_budget_bytes`` (if > 0) and all of
         them together ≤ ``budget_bytes``.
@@ -126,11 +132,14 @@ class EvictionSql(IndexConnection):
         (even if that frees more than the overflow; the same set as ``policy.evict_images``) — the prompt's
         image reference is set NULL (prompt and states stay; a prompt left with neither goes), then the blob
         row. Phase 1: states in policy order above each prompt's floor. Phase 2: whole prompts. Each batch is
-        one transaction holding the eviction advisory lock.
+        one transaction holding the eviction advisory lock; ``pace(seconds the batch took)`` runs after each
+        batch, outside the lock (the maintenance worker sleeps there so eviction yields the CPU to routing).
         Returns counts (``images``: images dropped in phase 0), bytes freed, ``tenants`` (bytes the per-tenant
         stage freed, per tenant over its budget) and the URIs whose rows are gone (the caller deletes those
         objects after this returns).
         """
+        if batch < 1:
+            raise ValueError(f"batch must be >= 1, got {batch}")
         if budget_bytes < 0:
             raise ValueError(f"budget_bytes must be >= 0, got {budget_bytes}")
         if tenant_budget_bytes < 0:
@@ -143,9 +152,9 @@ class EvictionSql(IndexConnection):
             # visits a tenant that is no longer over (nothing happens) or misses one until the next run.
             for tenant in tenant_overflows(self.tenant_bytes(), tenant_budget_bytes):
                 before = res["bytes"]
-                self._evict_scope(policy, tenant_budget_bytes, now, batch, res, tenant)
+                self._evict_scope(policy, tenant_budget_bytes, now, batch, res, tenant, pace)
                 res["tenants"][tenant] = res["bytes"] - before
-        self._evict_scope(policy, budget_bytes, now, batch, res, None)
+        self._evict_scope(policy, budget_bytes, now, batch, res, None, pace)
         return res
 
     def _evict_scope(
@@ -156,6 +165,7 @@ class EvictionSql(IndexConnection):
         batch: int,
         res: dict[str, Any],
         tenant: str | None,
+        pace: Callable[[float], None] | None = None,
     ) -> None:
         """One stage of :meth:`evict_to_budget`: everything (``tenant`` None) or one tenant's entries down to
         ``budget_bytes``; adds to ``res``."""
@@ -167,6 +177,7 @@ class EvictionSql(IndexConnection):
         floor = policy.min_states_per_prompt
 
         evicting = [False]  # stored bytes exceeded the budget during this call
+        ahead: list[int] = []  # phase 1: the next states in policy order, taken by one ordering pass
 
         def step() -> bool:
             with self.connection() as conn, conn.transaction():
@@ -186,7 +197,12 @@ class EvictionSql(IndexConnection):
                 if not drop and overflow <= 0:
                     return False
                 p = {**params, "bound": overflow, "batch": batch, "floor": floor}
-                ids = [] if drop else [int(x[0]) for x in conn.execute(q["states"], p)]  # type: ignore[call-overload]
+                if not drop and not ahead:
+                    # One ordering pass for up to LOOKAHEAD batches: the pass scans and scores every state
+                    # whatever its LIMIT, so taking one per batch made a large eviction that many full scans.
+                    ahead.extend(int(x[0]) for x in conn.execute(q["states"], {**p, "batch": batch * LOOKAHEAD}))  # type: ignore[call-overload]
+                ids = [] if drop else ahead[:batch]
+                del ahead[: len(ids)]
                 if drop:
                     pids = sorted(int(d[0]) for d in drop)
                     blob_ids = {int(d[1]) for d in drop}
@@ -229,5 +245,8 @@ class EvictionSql(IndexConnection):
                 return True
 
         for _ in range(100000):
+            t0 = time.monotonic()
             if not retry(step):
                 break
+            if pace is not None:
+                pace(time.monotonic() - t0)

@@ -49,30 +49,25 @@ class GenerationCancelled(Exception):
 
 
 class StateRejected(ValueError):
-    """A request's start state cannot be resumed here (another model_key or shape, non-finite values, no
-    schedule point at or below its timestep). The request itself is fine: a caller may rerun it from noise."""
+    """A request's start state cannot be resumed here (another model_key, shape or step count, non-finite
+    values). The request itself is fine: a caller may rerun it from noise."""
 
 
 def resume_index(state: CapturedState, timesteps: Sequence[float], num_steps: int) -> int:
-    """Index into a ``num_steps`` schedule at which ``state`` resumes.
+    """Index into a ``num_steps`` schedule at which ``state`` resumes: the step it was captured at.
 
-    Same step count: the captured step. Otherwise the first index whose timestep is ≤ the captured timestep
-    (timesteps descend), i.e. the nearest timestep at or below it: the resumed run never treats a latent as
-    *less* noisy than the schedule point it is fed to by more than one step.
+    A state resumes only a schedule of its own step count. The cache never offers another (its lookup takes
+    only states of the request's ``num_steps``), so a rule for other step counts would serve no request.
 
     Raises:
-        ValueError: no timestep of the schedule lies at or below the captured one, or the index is the end.
+        StateRejected: the state comes from a schedule of another step count, or its step is not inside this one.
     """
-    if state.num_steps == num_steps:
-        idx = state.step
-    else:
-        below = [i for i, t in enumerate(timesteps) if float(t) <= state.timestep + 1e-6]
-        if not below:
-            raise StateRejected(
-                f"start: no timestep of the {num_steps}-step schedule is at or below the captured timestep "
-                f"{state.timestep}"
-            )
-        idx = below[0]
+    if state.num_steps != num_steps:
+        raise StateRejected(
+            f"start: the state was captured in a {state.num_steps}-step schedule, the request has steps={num_steps} "
+            "(a state resumes only a schedule of its own step count)"
+        )
+    idx = state.step
     if not 0 < idx < len(timesteps):
         raise StateRejected(f"start: resume step K={idx} must satisfy 0 < K < steps={num_steps}")
     return idx

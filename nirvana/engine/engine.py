@@ -7,8 +7,8 @@ Resume rules (see docs/ENGINE.md for the derivations and measured tolerances):
     * DDIM and Euler resume exactly (stateless steps; Euler's step index is set with ``set_begin_index``).
     * DPM-Solver++ is multistep: its history of model outputs is not in the state, so it restarts at first order
       at the resume point. Measured deviation is documented and tested.
-    * A state from an ``N``-step run serving an ``M``-step request resumes at the first index ``j`` of the
-      ``M``-step schedule whose timestep is ≤ the captured timestep (the nearest at or below it).
+    * A state resumes only a run of its own step count ``N``; one of another step count is refused (the cache
+      looks up only states of the request's ``N``).
 """
 
 from __future__ import annotations

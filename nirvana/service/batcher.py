@@ -1,4 +1,4 @@
-"""Micro-batching for calls that are much cheaper in bulk (the router's prompt embedding).
+"""Micro-batching for calls that are much cheaper in bulk (the router's claim + embedding, and its plan writes).
 
 Many threads each ``submit`` one item and block; one worker thread takes up to ``max_batch`` waiting items (after
 the first arrives it waits at most ``max_wait_ms`` for more), calls ``fn`` once on the list and hands each caller
@@ -6,7 +6,8 @@ its own result. MiniLM embeds 256 prompts in about the time of 10 single calls o
 
 Invariants:
     * ``fn`` runs on the batcher's thread only (the model it uses is never shared between threads).
-    * Every submitted item gets exactly one answer: its result, or the exception ``fn`` raised for its batch.
+    * Every submitted item gets exactly one answer: its result, or the exception ``fn`` raised for its batch, or
+      the exception ``fn`` returned as that item's result (one item's failure need not fail its batch).
     * Results keep the order of the items within a batch: ``fn(items)[i]`` belongs to ``items[i]``.
 """
 
@@ -26,7 +27,13 @@ R = TypeVar("R")
 class MicroBatcher(Generic[T, R]):
     """Batches ``submit`` calls from many threads into calls of ``fn`` on one thread."""
 
-    def __init__(self, fn: Callable[[list[T]], Sequence[R]], max_batch: int, max_wait_ms: float = 5.0) -> None:
+    def __init__(
+        self,
+        fn: Callable[[list[T]], Sequence[R | BaseException]],
+        max_batch: int,
+        max_wait_ms: float = 5.0,
+        name: str = "micro-batcher",
+    ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if max_wait_ms < 0:
@@ -36,7 +43,7 @@ class MicroBatcher(Generic[T, R]):
         self.max_wait_s = max_wait_ms / 1000.0
         self._inbox: queue.Queue[tuple[T, Future[R]]] = queue.Queue()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="micro-batcher", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
         self.batches = 0
         self.items = 0
@@ -84,4 +91,7 @@ class MicroBatcher(Generic[T, R]):
             self.batches += 1
             self.items += len(batch)
             for (_, fut), res in zip(batch, results, strict=True):
-                fut.set_result(res)
+                if isinstance(res, BaseException):
+                    fut.set_exception(res)
+                else:
+                    fut.set_result(res)

@@ -255,23 +255,29 @@ class JobStore:
         """queued|routing → routing, counting the attempt (routing is re-entrant: a redelivered route task
         redoes a lookup, which writes nothing). None when the job is past routing or gone, or when it already
         had ``max_attempts`` route claims: then it ends ``failed`` naming the count and its last route error."""
-        failed = self._one(
-            "UPDATE jobs SET status = 'failed', finished_at = clock_timestamp(), updated_at = clock_timestamp(), "
-            "error = format('route attempts exhausted (%%s)%%s', route_attempts, "
-            "coalesce(': ' || route_error, '')) "
-            "WHERE id = %s AND status IN ('queued', 'routing') AND route_attempts >= %s RETURNING id",
-            (job_id, max_attempts),
-        )
-        if failed is not None:
-            return None
-        # A route task that arrives proves the job was enqueued, even if the API failed to record it (database
-        # gone between the send and mark_enqueued): without this, an Idempotency-Key replay answered 409 forever.
-        return self._one(
-            "UPDATE jobs SET status = 'routing', updated_at = clock_timestamp(), route_attempts = route_attempts + 1, "
-            "enqueued_at = coalesce(enqueued_at, clock_timestamp()) "
-            "WHERE id = %s AND status IN ('queued', 'routing') RETURNING *",
-            (job_id,),
-        )
+        return self.claim_routes([job_id], max_attempts).get(job_id)
+
+    def claim_routes(self, job_ids: Sequence[str], max_attempts: int = 5) -> dict[str, dict[str, Any]]:
+        """:meth:`claim_route` for many jobs in two statements; the claimed rows by job id (a job id given
+        twice is claimed once)."""
+        ids = list(dict.fromkeys(job_ids))
+        with self.conn() as c:
+            c.execute(
+                "UPDATE jobs SET status = 'failed', finished_at = clock_timestamp(), updated_at = clock_timestamp(), "
+                "error = format('route attempts exhausted (%%s)%%s', route_attempts, "
+                "coalesce(': ' || route_error, '')) "
+                "WHERE id = ANY(%s) AND status IN ('queued', 'routing') AND route_attempts >= %s",
+                (ids, max_attempts),
+            )
+            # A route task that arrives proves the job was enqueued, even if the API failed to record it (database
+            # gone between the send and mark_enqueued): without this, an Idempotency-Key replay answered 409 forever.
+            rows = c.execute(
+                "UPDATE jobs SET status = 'routing', updated_at = clock_timestamp(), "
+                "route_attempts = route_attempts + 1, enqueued_at = coalesce(enqueued_at, clock_timestamp()) "
+                "WHERE id = ANY(%s) AND status IN ('queued', 'routing') RETURNING *",
+                (ids,),
+            ).fetchall()
+        return {str(r["id"]): r for r in rows}
 
     def note_route_error(self, job_id: str, error: str) -> None:
         """Keep a failed route attempt's reason (the job's ``error`` once its route attempts run out)."""
@@ -283,33 +289,33 @@ class JobStore:
 
     def set_plan(self, job_id: str, plan: CachePlan) -> dict[str, Any] | None:
         """routing → routed with the router's plan; None if the job left ``routing`` (e.g. cancelled)."""
-        src = plan.source
-        args = {
-            "id": job_id,
-            "tier": plan.tier,
-            "k": 0 if src is None else src.k,
-            "k_policy": None if src is None else src.k_policy,
-            "similarity": plan.similarity,
-            "source_prompt_id": None if src is None else src.source_prompt_id,
-            "source_job_id": None if src is None else src.source_job_id,
-            "state_id": None if src is None else src.state_id,
-            "image_blob_id": plan.image_blob_id,
-            "exact_key": plan.exact_key,
-            "embedding": None if plan.embedding is None else np.asarray(plan.embedding, dtype=np.float32).tobytes(),
-            "lookup_ms": plan.lookup_ms,
-            "gate_novel": plan.gate_novel,
-            "capture_steps": None if plan.capture_steps is None else list(plan.capture_steps),
-        }
-        return self._one(
-            "UPDATE jobs SET status = 'routed', routed_at = clock_timestamp(), updated_at = clock_timestamp(), "
-            "lease_until = NULL, tier = %(tier)s, k = %(k)s, k_policy = %(k_policy)s, similarity = %(similarity)s, "
-            "source_prompt_id = %(source_prompt_id)s, source_job_id = %(source_job_id)s, "
-            "state_id = %(state_id)s, image_blob_id = %(image_blob_id)s, exact_key = %(exact_key)s, "
-            "embedding = %(embedding)s, lookup_ms = %(lookup_ms)s, gate_novel = %(gate_novel)s, "
-            "capture_steps = %(capture_steps)s "
-            "WHERE id = %(id)s AND status = 'routing' RETURNING *",
-            args,
-        )
+        return self.set_plans([(job_id, plan)]).get(job_id)
+
+    def set_plans(self, plans: Sequence[tuple[str, CachePlan]]) -> dict[str, dict[str, Any]]:
+        """:meth:`set_plan` for many jobs in one pipelined round trip; the routed rows by job id (a job that
+        left ``routing`` is absent)."""
+        if not plans:
+            return {}
+        args = [_plan_args(job_id, plan) for job_id, plan in plans]
+        out: dict[str, dict[str, Any]] = {}
+        with self.conn() as c, c.cursor() as cur:
+            cur.executemany(
+                "UPDATE jobs SET status = 'routed', routed_at = clock_timestamp(), updated_at = clock_timestamp(), "
+                "lease_until = NULL, tier = %(tier)s, k = %(k)s, k_policy = %(k_policy)s, "
+                "similarity = %(similarity)s, source_prompt_id = %(source_prompt_id)s, "
+                "source_job_id = %(source_job_id)s, state_id = %(state_id)s, image_blob_id = %(image_blob_id)s, "
+                "exact_key = %(exact_key)s, embedding = %(embedding)s, lookup_ms = %(lookup_ms)s, "
+                "gate_novel = %(gate_novel)s, capture_steps = %(capture_steps)s "
+                "WHERE id = %(id)s AND status = 'routing' RETURNING *",
+                args,
+                returning=True,
+            )
+            while True:
+                for row in cur.fetchall():
+                    out[str(row["id"])] = row
+                if not cur.nextset():
+                    break
+        return out
 
     def finish_exact(self, job_id: str, plan: dict[str, Any], image_uri: str, image_bytes: int) -> bool:
         """routing → done for an exact hit served by the router (image already written)."""
@@ -537,3 +543,24 @@ def seconds(a: datetime | None, b: datetime | None) -> float | None:
 
 
 TERMINAL_STATES = TERMINAL
+
+
+def _plan_args(job_id: str, plan: CachePlan) -> dict[str, Any]:
+    """The jobs-row columns a plan sets (the parameters of :meth:`JobStore.set_plans`)."""
+    src = plan.source
+    return {
+        "id": job_id,
+        "tier": plan.tier,
+        "k": 0 if src is None else src.k,
+        "k_policy": None if src is None else src.k_policy,
+        "similarity": plan.similarity,
+        "source_prompt_id": None if src is None else src.source_prompt_id,
+        "source_job_id": None if src is None else src.source_job_id,
+        "state_id": None if src is None else src.state_id,
+        "image_blob_id": plan.image_blob_id,
+        "exact_key": plan.exact_key,
+        "embedding": None if plan.embedding is None else np.asarray(plan.embedding, dtype=np.float32).tobytes(),
+        "lookup_ms": plan.lookup_ms,
+        "gate_novel": plan.gate_novel,
+        "capture_steps": None if plan.capture_steps is None else list(plan.capture_steps),
+    }

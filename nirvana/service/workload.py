@@ -1,4 +1,4 @@
-"""A realistic request stream in the bundled model's prompt world (the scene world of ``nirvana.world.scene``).
+"""A realistic request stream in the bundled model's prompt world (the scene world of ``nirvana.scene.world``).
 
 Users work in sessions: they start from a scene, then iteratively edit it (change one attribute, add or drop a
 style modifier, rephrase), re-run the same prompt with a new seed, sometimes re-run it unchanged, and now and
@@ -19,10 +19,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from nirvana.world.evaluate import edit_scene
-from nirvana.world.scene import _SYNONYMS as SYNONYMS  # the world's vocabulary (read-only)
-from nirvana.world.scene import _TEMPLATES as TEMPLATES
-from nirvana.world.scene import ATTRIBUTES, Scene, all_scenes
+from nirvana.scene.evaluate import edit_scene
+from nirvana.scene.world import _SYNONYMS as SYNONYMS  # the world's vocabulary (read-only)
+from nirvana.scene.world import _TEMPLATES as TEMPLATES
+from nirvana.scene.world import ATTRIBUTES, Scene, all_scenes
 
 MODIFIERS: tuple[str, ...] = (
     "simple",

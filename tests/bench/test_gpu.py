@@ -11,7 +11,7 @@ import torch
 
 from nirvana.bench.gpu import SD15_UNET, SD15_VAE, GpuUnavailable, main, run_gpu_bench
 from nirvana.bench.gpu_report import gpu_markdown
-from nirvana.services.postgres import EmbeddedPostgres
+from nirvana.embedded.postgres import EmbeddedPostgres
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 

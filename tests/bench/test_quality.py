@@ -18,7 +18,7 @@ from nirvana.cache.policy import KPolicy
 from nirvana.cli import app
 from nirvana.engine.engine import DiffusionEngine
 from nirvana.engine.loader import load_model
-from nirvana.world.evaluate import SIM_BUCKETS, bucket_label, k_similarity_table, make_pairs
+from nirvana.scene.evaluate import SIM_BUCKETS, bucket_label, k_similarity_table, make_pairs
 
 
 def _table(adherence: list[list[float]], n: int = 50) -> dict[str, Any]:
@@ -89,7 +89,7 @@ def test_fit_policy_inherits_from_below_where_evidence_is_thin() -> None:
 @pytest.fixture(scope="module")
 def bundled() -> Any:
     from nirvana.config import bundled_probe_dir
-    from nirvana.world.metrics import ProbeMetrics
+    from nirvana.scene.metrics import ProbeMetrics
 
     return DiffusionEngine(load_model("bundled", device="cpu")), ProbeMetrics(bundled_probe_dir())
 

@@ -35,7 +35,7 @@ from nirvana.bench.trace import (
 )
 from nirvana.bench.trace.embeddings import _key
 from nirvana.bench.trace.replayer import _k_ref
-from nirvana.services.postgres import EmbeddedPostgres
+from nirvana.embedded.postgres import EmbeddedPostgres
 
 COLUMNS = ["seq", "channel", "user_hash", "prompt", "seed", "cfg", "steps", "width", "height", "n_images", "sampler",
            "gen_seconds", "raw_flags"]  # fmt: skip

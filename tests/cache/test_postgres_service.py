@@ -7,7 +7,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from nirvana.services.postgres import EmbeddedPostgres
+from nirvana.embedded.postgres import EmbeddedPostgres
 
 
 def test_start_reuse_stop(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from nirvana.engine.core import StateRejected
 from nirvana.engine.engine import (
     DiffusionEngine,
     GenerationCancelled,
@@ -109,24 +110,21 @@ def test_batch_matches_single_runs_per_seed(engines: dict[str, DiffusionEngine])
     assert len(batch.states) == 2
 
 
-def test_different_step_count_rule(engines: dict[str, DiffusionEngine]) -> None:
+def test_state_resumes_only_its_own_step_count(engines: dict[str, DiffusionEngine]) -> None:
     eng = engines["ddim"]
     src = eng.generate([PROMPT], seeds=[5], steps=50, guidance=7.5, capture=[10])
     state = src.states[0][0]
     sched = eng.c.scheduler
-    sched.set_timesteps(25)
-    ts = [float(t) for t in sched.timesteps]
-    j = resume_index(state, ts, 25)
-    assert ts[j] <= state.timestep
-    assert ts[j - 1] > state.timestep  # the nearest at or below, not any below
-    out = eng.generate(["a red dog"], seeds=[5], steps=25, guidance=7.5, start=state)
-    assert out.start_step == j
-    assert out.steps_run == 25 - j
-    # Larger M: the index grows with M.
-    sched.set_timesteps(100)
-    ts100 = [float(t) for t in sched.timesteps]
-    j100 = resume_index(state, ts100, 100)
-    assert ts100[j100] <= state.timestep < ts100[j100 - 1]
+    sched.set_timesteps(50)
+    assert resume_index(state, [float(t) for t in sched.timesteps], 50) == 10
+    out = eng.generate(["a red dog"], seeds=[5], steps=50, guidance=7.5, start=state)
+    assert (out.start_step, out.steps_run) == (10, 40)
+    for steps in (25, 100):
+        sched.set_timesteps(steps)
+        with pytest.raises(StateRejected, match=r"^start: .*50-step schedule.*steps=" + str(steps)):
+            resume_index(state, [float(t) for t in sched.timesteps], steps)
+        with pytest.raises(ValueError, match="its own step count"):
+            eng.generate(["a red dog"], seeds=[5], steps=steps, guidance=7.5, start=state)
 
 
 def test_cancel_between_steps(engines: dict[str, DiffusionEngine]) -> None:
@@ -196,7 +194,7 @@ def test_bad_states_rejected(engines: dict[str, DiffusionEngine]) -> None:
     with pytest.raises(ValueError, match="step"):
         CapturedState(latent=good.latent, step=10, num_steps=10, timestep=1.0, scheduler_family="ddim", model_key="x")
     with pytest.raises(ValueError, match=r"^start: "):
-        # A 1-step schedule has no timestep at or below the state's (captured halfway through 10 steps).
+        # A state captured halfway through 10 steps does not resume a 1-step schedule.
         ddim.generate([PROMPT], seeds=[1], steps=1, start=good)
 
 

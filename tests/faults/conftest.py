@@ -27,7 +27,7 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
-from nirvana.service.stack import Managed, Stack, StackConfig
+from nirvana.embedded.stack import Managed, Stack, StackConfig
 
 FULL_ENV = "NIRVANA_FAULTS_FULL"
 _HERE = Path(__file__).parent

@@ -24,7 +24,7 @@ import pytest
 
 from nirvana.cache.core import ApproximateCache, CacheRequest, LookupResult, Namespace
 from nirvana.cache.store import LatentStore
-from nirvana.services.postgres import free_port
+from nirvana.embedded.postgres import free_port
 from tests.cache.helpers import at_similarity, make_cache, request, states, unit
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(1800)]

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from nirvana.config import Settings
-from nirvana.services.postgres import free_port
+from nirvana.embedded.postgres import free_port
 
 MODEL = "tiny"
 
@@ -27,7 +27,7 @@ MODEL = "tiny"
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
     """A real redis-server (no persistence) on a free port for the session."""
-    from nirvana.service.stack import redis_server_binary
+    from nirvana.embedded.stack import redis_server_binary
 
     port = free_port()
     root = Path(tempfile.mkdtemp(prefix="nirvana-test-redis-"))

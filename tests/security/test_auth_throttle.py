@@ -168,8 +168,8 @@ def test_throttle_is_shared_across_processes(throttled: Callable[..., Settings],
 
 def test_throttle_does_not_fail_open_without_redis() -> None:
     """Unlike the per-key buckets, the address bucket has an in-process copy that still bounds lookups."""
+    from nirvana.embedded.postgres import free_port
     from nirvana.service.ratelimit import Bucket, RateLimited, RateLimiter, RedisBuckets
-    from nirvana.services.postgres import free_port
 
     dead = RedisBuckets(f"redis://127.0.0.1:{free_port()}/0")
     off = Bucket("req", 0, 1, "requests")

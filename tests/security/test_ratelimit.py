@@ -91,8 +91,8 @@ def test_job_limit_counts_jobs_not_requests(limited: Callable[..., Settings], ma
 
 
 def test_limiter_fails_open_when_redis_is_unreachable() -> None:
+    from nirvana.embedded.postgres import free_port
     from nirvana.service.ratelimit import Bucket, RateLimiter, RedisBuckets
-    from nirvana.services.postgres import free_port
 
     dead = RedisBuckets(f"redis://127.0.0.1:{free_port()}/0")
     limiter = RateLimiter(Bucket("req", SLOW, 1, "requests"), Bucket("jobs", SLOW, 1, "jobs"), dead)

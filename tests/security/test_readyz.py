@@ -10,7 +10,7 @@ from typing import Any
 from fastapi.testclient import TestClient
 
 from nirvana.config import Settings
-from nirvana.services.postgres import free_port
+from nirvana.embedded.postgres import free_port
 from tests.security.conftest import MODEL, auth
 
 BARE = {"status": "ready", "role": "api"}

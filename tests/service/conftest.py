@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from nirvana.service.stack import Stack, StackConfig
+from nirvana.embedded.stack import Stack, StackConfig
 
 TEST_ENV = {
     "OMP_NUM_THREADS": "1",

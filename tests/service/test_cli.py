@@ -16,9 +16,9 @@ from typing import Any
 import httpx
 import pytest
 
+from nirvana.embedded.postgres import free_port
 from nirvana.service.client import Client
 from nirvana.service.offline import MANIFEST, render_file
-from nirvana.services.postgres import free_port
 
 from .conftest import TEST_ENV
 

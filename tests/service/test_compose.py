@@ -29,14 +29,14 @@ def _cmd(svc: dict[str, Any]) -> list[str]:
 
 
 def _cli_commands() -> set[str]:
-    """Top-level commands of ``nirvana``: the base CLI plus what the cache and service packages mount (each
-    mounted on a fresh app, so an unrelated package's import error cannot hide them)."""
+    """Top-level commands of ``nirvana``: the base CLI plus what ``nirvana.cli.cache`` and ``nirvana.cli.service``
+    mount (each mounted on a fresh app, so an unrelated package's import error cannot hide them)."""
     import typer
 
     from nirvana import cli
 
     app, bench = typer.Typer(), typer.Typer()
-    for mod in ("nirvana.cache.commands", "nirvana.service.commands"):
+    for mod in ("nirvana.cli.cache", "nirvana.cli.service"):
         importlib.import_module(mod).register(app, bench)
     names: set[str] = set()
     for a in (cli.app, app):

@@ -103,13 +103,14 @@ def _env(docs: list[dict[str, Any]], c: dict[str, Any]) -> dict[str, tuple[str, 
 
 
 def _cli_commands() -> set[str]:
-    """Top-level ``nirvana`` commands: the base CLI plus what the cache and service packages mount."""
+    """Top-level ``nirvana`` commands: the base CLI plus what ``nirvana.cli.cache`` and ``nirvana.cli.service``
+    mount."""
     import typer
 
     from nirvana import cli
 
     app, bench = typer.Typer(), typer.Typer()
-    for mod in ("nirvana.cache.commands", "nirvana.service.commands"):
+    for mod in ("nirvana.cli.cache", "nirvana.cli.service"):
         importlib.import_module(mod).register(app, bench)
     names: set[str] = set()
     for a in (cli.app, app):

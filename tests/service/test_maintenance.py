@@ -112,3 +112,30 @@ def test_retention_forgets_old_images_then_old_rows(env: dict[str, Any]) -> None
     assert store.get(recent[0])["image_uri"] and recent[1].exists()
     keep = Maintenance(Settings(retention_images_s=0, retention_jobs_s=0, retention_ledger_s=0), store, cache, None)  # type: ignore[arg-type]
     assert keep.retention() == {"ledger_rows": 0, "job_images": 0, "job_rows": 0}
+
+
+@pytest.mark.parametrize("duty", [0.5, 1.0])
+def test_eviction_runs_in_paced_batches(env: dict[str, Any], monkeypatch: pytest.MonkeyPatch, duty: float) -> None:
+    """Maintenance.evict removes ``evict_batch`` entries per transaction and, below duty 1, sleeps after each
+    batch for busy × (1 − duty) / duty (so a large eviction leaves the CPU to routing); all go in the end."""
+    import numpy as np
+
+    import nirvana.service.pipeline as pipeline
+    from nirvana.cache.core import Namespace
+
+    store, cache = env["store"], env["cache"]
+    ns = Namespace("m-32x32-ddim", f"t-{uuid.uuid4().hex[:6]}")
+    rng = np.random.default_rng(1)
+    for i in range(6):
+        req = request(unit(rng), ns, prompt=f"prompt {i}", seed=i)
+        cache.record(f"job-{uuid.uuid4().hex}", req, states(ns.model_key, [5, 10], seed=i), None, None)
+    sleeps: list[float] = []
+    monkeypatch.setattr(pipeline.time, "sleep", sleeps.append)
+    cache.budget_bytes = 0
+    res = Maintenance(Settings(evict_batch=2, evict_duty=duty), store, cache, RecordingSender()).evict()
+    assert res["states"] >= 12 and cache.stats()["states"] == 0  # (with what earlier tests left)
+    assert res["wall_s"] >= 0
+    if duty < 1:
+        assert len(sleeps) >= 6 and all(s > 0 for s in sleeps)  # one pause per batch of at most 2 entries
+    else:
+        assert sleeps == []

@@ -111,7 +111,7 @@ def test_router_embeds_the_jobs_in_flight_together(pg_url: str, store: JobStore,
     cache = ApproximateCache(pg_url, LatentStore(str(tmp_path / "b")), MiniLMEmbedder(), KPolicy.paper(), pool_size=4)
     sender = RecordingSender()
     settings = Settings(database_url=pg_url, route_max_batch=8, route_max_wait_ms=100, cache_novelty_gate=False)
-    router = Router(settings, store, cache, sender, batch_embeddings=True)
+    router = Router(settings, store, cache, sender, batched=True)
     try:
         jobs = [_new_job(store) for _ in range(8)]
         with store.conn() as c:  # distinct prompts, no embeddings yet: the router computes them
@@ -124,12 +124,89 @@ def test_router_embeds_the_jobs_in_flight_together(pg_url: str, store: JobStore,
         for t in threads:
             t.join(120)
         assert set(out.values()) == {"miss"} and len(out) == 8
-        assert router.embedder is not None and router.embedder.items == 8 and router.embedder.batches < 8
+        for stage in (router.claims, router.commits):  # claim + embed, then plan + send: shared by the jobs
+            assert stage is not None and stage.items == 8 and stage.batches < 8
         assert sorted(j for _, j, _ in sender.sent) == sorted(jobs)  # one render message per job
         row = store.get(jobs[3])
         stored = np.frombuffer(bytes(row["embedding"]), dtype=np.float32)
         assert np.allclose(stored, cache.embed(["a red cat number 3"])[0], atol=1e-5)
     finally:
-        assert router.embedder is not None
-        router.embedder.stop()
+        router.close()
+        cache.close()
+
+
+def test_one_jobs_failure_in_a_route_batch_is_its_own(pg_url: str, store: JobStore, tmp_path: Path) -> None:
+    """A batched router whose render message fails for one job: that job's route attempt raises (its plan is
+    written, so the reaper's lease re-sends its render message); the other jobs of the same batch are routed
+    and sent."""
+    import threading
+
+    from nirvana.cache.core import ApproximateCache
+    from nirvana.cache.embedder import MiniLMEmbedder
+    from nirvana.cache.policy import KPolicy
+
+    jobs = [_new_job(store) for _ in range(6)]
+    bad = jobs[2]
+
+    class FlakySender(RecordingSender):
+        def send_render(self, job_id: str, queue: str, attempt: int) -> None:
+            if job_id == bad:
+                raise ConnectionError("broker went away")
+            super().send_render(job_id, queue, attempt)
+
+    cache = ApproximateCache(pg_url, LatentStore(str(tmp_path / "b")), MiniLMEmbedder(), KPolicy.paper(), pool_size=4)
+    sender = FlakySender()
+    settings = Settings(database_url=pg_url, route_max_batch=6, route_max_wait_ms=200, cache_novelty_gate=False)
+    router = Router(settings, store, cache, sender, batched=True)
+    out: dict[str, object] = {}
+
+    def run(j: str) -> None:
+        try:
+            out[j] = router.route(j)
+        except Exception as e:
+            out[j] = e
+
+    try:
+        threads = [threading.Thread(target=run, args=(j,)) for j in jobs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert router.commits is not None and router.commits.batches < 6  # they did share a batch
+        assert isinstance(out[bad], ConnectionError)
+        assert all(out[j] == "miss" for j in jobs if j != bad)
+        assert sorted(j for _, j, _ in sender.sent) == sorted(j for j in jobs if j != bad)
+        assert all(store.get(j)["status"] == "routed" for j in jobs)
+    finally:
+        router.close()
+        cache.close()
+
+
+def test_router_remembers_recent_prompt_embeddings(pg_url: str, store: JobStore, tmp_path: Path) -> None:
+    """A re-rolled prompt (same text, new seed) is not embedded again while it is among the
+    ``route_embed_memo`` most recent prompts; the job gets the same embedding either way."""
+    from nirvana.cache.core import ApproximateCache
+    from nirvana.cache.embedder import MiniLMEmbedder
+    from nirvana.cache.policy import KPolicy
+
+    cache = ApproximateCache(pg_url, LatentStore(str(tmp_path / "b")), MiniLMEmbedder(), KPolicy.paper(), pool_size=4)
+    calls: list[list[str]] = []
+    real = cache.embed
+    cache.embed = lambda prompts: calls.append(list(prompts)) or real(prompts)  # type: ignore[method-assign]
+    settings = Settings(database_url=pg_url, route_embed_memo=1, cache_novelty_gate=False)
+    router = Router(settings, store, cache, RecordingSender())
+    try:
+        jobs = []
+        for prompt in ["a red fox", "a red fox", "a castle", "a red fox"]:
+            jid = _new_job(store)
+            with store.conn() as c:
+                c.execute("UPDATE jobs SET prompt = %s WHERE id = %s", (prompt, jid))
+            assert router.route(jid) == "miss"
+            jobs.append(jid)
+        # The second fox was remembered; the memo (1 prompt) forgot it for the castle.
+        assert calls == [["a red fox"], ["a castle"], ["a red fox"]]
+        embs = [np.frombuffer(bytes(store.get(j)["embedding"]), dtype=np.float32) for j in jobs]
+        assert np.array_equal(embs[0], embs[1]) and np.allclose(embs[0], embs[3], atol=1e-6)
+        assert router.embed(["a boat", "a boat"]).keys() == {"a boat"} and calls[-1] == ["a boat"]  # once
+    finally:
         cache.close()

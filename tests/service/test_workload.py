@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from nirvana.scene.world import parse_prompt
 from nirvana.service.workload import generate, reuse_stats
-from nirvana.world.scene import parse_prompt
 
 
 def test_reuse_statistics_match_the_trace() -> None:

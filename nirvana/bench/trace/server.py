@@ -22,7 +22,7 @@ class PostgresServer:
         else:
             import tempfile
 
-            from nirvana.services.postgres import EmbeddedPostgres
+            from nirvana.embedded.postgres import EmbeddedPostgres
 
             self._tmp = tempfile.mkdtemp(prefix="nirvana-trace-pg-")
             self._embedded = EmbeddedPostgres(Path(self._tmp) / "data", fast=True, delete_on_stop=True)

@@ -32,8 +32,8 @@ def _database_url(data_dir: Path) -> tuple[str, Any]:
     here; the returned handle stops it)."""
     from nirvana.cache.migrate import migrate
     from nirvana.config import get_settings
-    from nirvana.service.stack import running_stack
-    from nirvana.services.postgres import EmbeddedPostgres
+    from nirvana.embedded.postgres import EmbeddedPostgres
+    from nirvana.embedded.stack import running_stack
 
     s = get_settings()
     if s.database_url:
@@ -159,7 +159,7 @@ def _stack_config(
     render_max_batch: int | None = None,
 ) -> Any:
     from nirvana.config import get_settings
-    from nirvana.service.stack import StackConfig
+    from nirvana.embedded.stack import StackConfig
 
     s = get_settings()
     return StackConfig(
@@ -191,7 +191,7 @@ def up(
     render workers.
     """
     from nirvana.config import get_settings
-    from nirvana.service.stack import Stack
+    from nirvana.embedded.stack import Stack
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     s = get_settings()
@@ -262,9 +262,9 @@ def demo(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from nirvana.cli.demo import demo_requests, run_workload, write_gallery
+    from nirvana.embedded.stack import Stack
     from nirvana.service.client import Client
-    from nirvana.service.demo import demo_requests, run_workload, write_gallery
-    from nirvana.service.stack import Stack
 
     console = _stderr_console()
     stack = None
@@ -370,10 +370,10 @@ def _direct_replay(res: Any, clients: dict[str, Any], model: str | None, console
     """``direct_engine_replay`` on the served model loaded in this process, with a progress bar."""
     from rich.progress import Progress
 
+    from nirvana.cli.demo import direct_engine_replay
     from nirvana.config import get_settings
     from nirvana.engine.engine import DiffusionEngine
     from nirvana.engine.loader import load_model
-    from nirvana.service.demo import direct_engine_replay
 
     engine = DiffusionEngine(load_model(model or get_settings().model, device="auto"))
     with Progress(console=console) as bar:
@@ -394,9 +394,9 @@ def render(
     """Offline batch rendering through the service, with a progress bar; rerunning skips finished prompts."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from nirvana.embedded.stack import Stack, running_stack
     from nirvana.service.client import Client
     from nirvana.service.offline import render_file
-    from nirvana.service.stack import Stack, running_stack
 
     if not file.is_file():
         _err(f"{file} does not exist")

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from nirvana.engine.latents import PixelUnshuffleSpace, coordinate_channels
 from nirvana.engine.text import MiniLMTokenEncoder
-from nirvana.world.scene import IMAGE_SIZE, Scene, render, split_scenes, to_array, write_prompt
+from nirvana.scene.world import IMAGE_SIZE, Scene, render, split_scenes, to_array, write_prompt
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,11 @@
-"""The ``nirvana`` command line (Typer). Heavy imports happen inside commands, never at import time."""
+"""The ``nirvana`` command line (Typer). Heavy imports happen inside commands, never at import time.
+
+This module holds ``app``, ``main`` and the model commands (``generate``, ``train-model``, ``train-probe``,
+``eval-model``, ``gallery``, ``calibrate``, ``bench engine|quality``); the other commands live beside it and are
+mounted by :func:`_mount_subcommands`: ``cache`` (``migrate``, ``cache …``), ``bench`` (``bench index|codecs|trace|
+gpu|batching|router``) and ``service`` (``up``, ``demo``, ``render``, ``keys …``, ``bench e2e``). ``demo`` holds
+the demo's workload driver (HTTP client side, gallery, in-process replay), used by ``demo`` and ``bench e2e``.
+"""
 
 from __future__ import annotations
 
@@ -95,7 +102,7 @@ def train_model_cmd(
 ) -> None:
     """Train the bundled scene model (≈77 min on 2 cores, alone; the defaults reproduce the committed v4).
     Retrain rarely: weights live in git."""
-    from nirvana.world.train import train_model
+    from nirvana.scene.train import train_model
 
     summary = train_model(
         out,
@@ -124,7 +131,7 @@ def train_probe_cmd(
     seed: Annotated[int, typer.Option(help="seed")] = 0,
 ) -> None:
     """Train the attribute probe used by adherence and probe-FID (a few minutes)."""
-    from nirvana.world.probe import train_probe
+    from nirvana.scene.probe import train_probe
 
     typer.echo(json.dumps(train_probe(out, steps=steps, seed=seed)))
 
@@ -139,7 +146,7 @@ def eval_model_cmd(
     out: Annotated[Path | None, typer.Option(help="also write the JSON here")] = None,
 ) -> None:
     """Adherence, probe accuracy and probe-FID on held-out combinations, and the K × similarity table."""
-    from nirvana.world.evaluate import evaluate_model, format_table
+    from nirvana.scene.evaluate import evaluate_model, format_table
 
     engine, metrics = _bundled_engine_and_probe(model)
     res = evaluate_model(engine, metrics, steps=steps, guidance=guidance, pairs=pairs)
@@ -169,7 +176,7 @@ def gallery(
     steps: Annotated[int, typer.Option(help="denoising steps")] = 50,
 ) -> None:
     """Render a gallery of the bundled model (PNG grid + HTML with prompts) and print adherence."""
-    from nirvana.world.gallery import render_gallery
+    from nirvana.scene.gallery import render_gallery
 
     res = render_gallery(out, n=n, steps=steps)
     typer.echo(f"wrote {res['html']} and {res['grid']}")
@@ -180,7 +187,7 @@ def _bundled_engine_and_probe(model: str = "bundled"):  # type: ignore[no-untype
     from nirvana.config import bundled_probe_dir
     from nirvana.engine.engine import DiffusionEngine
     from nirvana.engine.loader import load_model
-    from nirvana.world.metrics import ProbeMetrics
+    from nirvana.scene.metrics import ProbeMetrics
 
     try:
         return DiffusionEngine(load_model(model, device="auto")), ProbeMetrics(bundled_probe_dir())
@@ -212,7 +219,7 @@ def calibrate(
     from nirvana.bench.calibrate import fit_policy
     from nirvana.bench.report import md_table, write_report
     from nirvana.cache.policy import KPolicy, policies_dir
-    from nirvana.world.evaluate import format_table, k_similarity_table, make_pairs
+    from nirvana.scene.evaluate import format_table, k_similarity_table, make_pairs
 
     engine, metrics = _bundled_engine_and_probe()
     if table_file is not None:
@@ -321,9 +328,9 @@ def _mount_subcommands() -> None:
     """
     if any(c.name == "trace" for c in bench_app.registered_commands):
         return
-    from nirvana.bench.commands import register as register_bench
-    from nirvana.cache.commands import register as register_cache
-    from nirvana.service.commands import register as register_service
+    from nirvana.cli.bench import register as register_bench
+    from nirvana.cli.cache import register as register_cache
+    from nirvana.cli.service import register as register_service
 
     for register in (register_cache, register_bench, register_service):
         register(app, bench_app)
@@ -332,7 +339,3 @@ def _mount_subcommands() -> None:
 def main() -> None:
     _mount_subcommands()
     app()
-
-
-if __name__ == "__main__":
-    main()

@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 from scipy import linalg
 
-from nirvana.world.probe import AttributeProbe, load_probe
-from nirvana.world.scene import ATTRIBUTES, Scene, parse_prompt, to_array
+from nirvana.scene.probe import AttributeProbe, load_probe
+from nirvana.scene.world import ATTRIBUTES, Scene, parse_prompt, to_array
 
 
 class ImageMetric(Protocol):

@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 
-from nirvana.world.scene import (
+from nirvana.scene.world import (
     ATTRIBUTES,
     IMAGE_SIZE,
     VALUES,

@@ -1,6 +1,6 @@
 """CLI commands of the cache: ``nirvana migrate`` and ``nirvana cache stats|evict|sweep|refit-gate``.
 
-Mounted by ``nirvana/cli.py`` through :func:`register`. Heavy imports happen inside the commands.
+Mounted by ``nirvana.cli`` through :func:`register`. Heavy imports happen inside the commands.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def database_url(url: str | None) -> Iterator[str]:
     if url:
         yield url
         return
-    from nirvana.services.postgres import EmbeddedPostgres
+    from nirvana.embedded.postgres import EmbeddedPostgres
 
     server = EmbeddedPostgres(Path(get_settings().data_dir) / "postgres")
     try:

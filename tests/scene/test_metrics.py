@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from nirvana.config import bundled_probe_dir
-from nirvana.world.metrics import ProbeMetrics, frechet_distance
-from nirvana.world.probe import AttributeProbe
-from nirvana.world.scene import Scene, render, split_scenes, to_array
+from nirvana.scene.metrics import ProbeMetrics, frechet_distance
+from nirvana.scene.probe import AttributeProbe
+from nirvana.scene.world import Scene, render, split_scenes, to_array
 
 
 def test_frechet_distance_properties() -> None:

@@ -29,7 +29,7 @@ from typing import Any
 
 import httpx
 
-from nirvana.services.postgres import EmbeddedPostgres, free_port
+from nirvana.embedded.postgres import EmbeddedPostgres, free_port
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""CLI commands ``nirvana bench index|codecs|trace|gpu`` (mounted by :func:`register`)."""
+"""CLI commands ``nirvana bench index|codecs|trace|gpu|batching|router`` (mounted by :func:`register`)."""
 
 from __future__ import annotations
 

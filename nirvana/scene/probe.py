@@ -1,6 +1,6 @@
 """Attribute probe: a small CNN that reads shape, colour, background, size and position off a 32×32 image.
 
-It gives two offline quality metrics for the bundled model (see ``nirvana.world.metrics``): adherence (all of a
+It gives two offline quality metrics for the bundled model (see ``nirvana.scene.metrics``): adherence (all of a
 prompt's attributes visible) and probe-FID (Fréchet distance between probe features of generated images and of
 renders). Trained on renders with noise/blur augmentation so it also reads slightly imperfect generations.
 """
@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
-from nirvana.world.scene import ATTRIBUTES, VALUES, Scene, all_scenes, render, to_array
+from nirvana.scene.world import ATTRIBUTES, VALUES, Scene, all_scenes, render, to_array
 
 log = logging.getLogger(__name__)
 

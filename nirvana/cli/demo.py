@@ -1,11 +1,13 @@
 """The main job: drive a realistic workload through the HTTP API and report what the cache bought.
 
-``run_demo`` submits a ``workload.generate`` stream with closed-loop users (a user sends the next request only
-after the previous one finished — that is how people iterate on prompts), shows live progress, and summarises
-hit rate, steps saved, latency p50/p95/p99 (overall and per tier), throughput and service overhead (job wall time
-minus engine time). The gallery puts each approximate hit beside its source and a full generation of the same
-prompt and seed. ``direct_engine_replay`` (``nirvana bench e2e``) runs the same jobs through the engine in-process
-right after, so service latency and bare engine time are compared side by side in one run.
+The client side of ``nirvana demo`` and ``nirvana bench e2e``; it lives beside those commands (the service never
+imports it). ``run_workload`` submits a ``workload.generate`` stream with closed-loop users (a user sends the next
+request only after the previous one finished — that is how people iterate on prompts), reports each finished job
+to a callback (the commands' live progress), and summarises hit rate, steps saved, latency p50/p95/p99 (overall
+and per tier), throughput and service overhead (job wall time minus engine time). The gallery puts each
+approximate hit beside its source and a full generation of the same prompt and seed. ``direct_engine_replay``
+(``nirvana bench e2e``) runs the same jobs through the engine in-process right after, so service latency and bare
+engine time are compared side by side in one run.
 """
 
 from __future__ import annotations

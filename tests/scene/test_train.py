@@ -10,7 +10,7 @@ import torch
 
 from nirvana.engine.engine import DiffusionEngine
 from nirvana.engine.loader import load_model
-from nirvana.world.train import pyramid_noise, scheduler_config, train_model, unet_config
+from nirvana.scene.train import pyramid_noise, scheduler_config, train_model, unet_config
 
 
 def test_scheduler_config_rejects_unknown_prediction_type() -> None:

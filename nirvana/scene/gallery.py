@@ -13,9 +13,9 @@ from PIL import Image
 from nirvana.config import bundled_probe_dir
 from nirvana.engine.engine import DiffusionEngine, to_pil
 from nirvana.engine.loader import load_model
-from nirvana.world.evaluate import generate_batched
-from nirvana.world.metrics import ProbeMetrics
-from nirvana.world.scene import render, split_scenes, write_prompt
+from nirvana.scene.evaluate import generate_batched
+from nirvana.scene.metrics import ProbeMetrics
+from nirvana.scene.world import render, split_scenes, write_prompt
 
 
 def image_grid(images: list[Image.Image], cols: int, scale: int = 4) -> Image.Image:

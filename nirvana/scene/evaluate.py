@@ -17,8 +17,8 @@ from tqdm import tqdm
 
 from nirvana.engine.engine import DiffusionEngine
 from nirvana.engine.state import CapturedState
-from nirvana.world.metrics import ProbeMetrics
-from nirvana.world.scene import ATTRIBUTES, VALUES, Scene, render, split_scenes, to_array, write_prompt
+from nirvana.scene.metrics import ProbeMetrics
+from nirvana.scene.world import ATTRIBUTES, VALUES, Scene, render, split_scenes, to_array, write_prompt
 
 SIM_BUCKETS: tuple[float, ...] = (0.0, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 1.0001)
 TABLE_K: tuple[int, ...] = (5, 10, 15, 20, 25)

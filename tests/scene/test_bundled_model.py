@@ -9,8 +9,8 @@ import pytest
 from nirvana.config import bundled_model_dir, bundled_probe_dir
 from nirvana.engine.engine import DiffusionEngine
 from nirvana.engine.loader import load_model
-from nirvana.world.metrics import ProbeMetrics
-from nirvana.world.scene import split_scenes, write_prompt
+from nirvana.scene.metrics import ProbeMetrics
+from nirvana.scene.world import split_scenes, write_prompt
 
 
 @pytest.fixture(scope="module")

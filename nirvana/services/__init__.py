@@ -1,1 +1,0 @@
-"""Embedded infrastructure for development, tests and ``nirvana up`` (no Docker needed)."""
