@@ -1,1 +1,1 @@
-"""Celery workers: thin shells over ``nirvana.service.pipeline`` (router, render, beat maintenance)."""
+"""Celery workers: thin shells over ``nirvana.pipeline`` (router, render, beat maintenance)."""

@@ -28,9 +28,11 @@ from nirvana.config import Settings
 from nirvana.engine.core import EngineCore
 from nirvana.engine.loader import load_model
 from nirvana.engine.loop import EngineLoop
+from nirvana.pipeline.maintenance import Maintenance
+from nirvana.pipeline.renderer import Renderer
+from nirvana.pipeline.router import Router
 from nirvana.service.jobs import JobStore
 from nirvana.service.models import ServedModel, served_name
-from nirvana.service.pipeline import Maintenance, Renderer, Router
 from nirvana.service.service import TaskSender
 
 log = logging.getLogger(__name__)

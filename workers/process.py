@@ -13,8 +13,7 @@ from celery import Celery
 from celery.signals import worker_ready
 
 from nirvana.config import Settings
-from nirvana.service.liveness import start_heartbeat
-from nirvana.service.pipeline import worker_name
+from nirvana.service.liveness import start_heartbeat, worker_name
 from workers import tasks
 from workers.celery_app import CelerySender, make_celery
 from workers.context import FaultHooks, RenderEngine, WorkerContext

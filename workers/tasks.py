@@ -1,4 +1,4 @@
-"""Task definitions: each is one call into ``nirvana.service.pipeline`` through the process's
+"""Task definitions: each is one call into ``nirvana.pipeline`` through the process's
 :class:`~workers.context.WorkerContext`; the job id is the task id."""
 
 from __future__ import annotations

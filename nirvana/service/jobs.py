@@ -31,8 +31,8 @@ import psycopg
 from psycopg.rows import dict_row
 
 from nirvana.generation import GenerationRequest
+from nirvana.pipeline.plan import CachePlan, RenderPlan
 from nirvana.service.errors import Conflict, FieldError, NotFound
-from nirvana.service.plan import CachePlan, RenderPlan
 from nirvana.service.schemas import TERMINAL
 
 ACTIVE = ("queued", "routing", "routed", "rendering")

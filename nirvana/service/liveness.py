@@ -5,6 +5,8 @@ for)."""
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 from typing import Any
 
@@ -12,6 +14,11 @@ from psycopg.rows import tuple_row
 
 log = logging.getLogger(__name__)
 ROLES = ("router", "render", "maintenance")
+
+
+def worker_name(role: str) -> str:
+    """This process's name in heartbeats and job rows: ``role@host:pid``."""
+    return f"{role}@{socket.gethostname()}:{os.getpid()}"
 
 
 def beat(pool: Any, name: str, role: str, queue: str) -> None:

@@ -102,9 +102,10 @@ def test_storage_faults_through_the_render_worker_every_job_succeeds(
     from nirvana.engine.loop import EngineLoop
     from nirvana.engine.tiny import build_tiny_sd
     from nirvana.generation import GenerationRequest
+    from nirvana.pipeline.renderer import Renderer
+    from nirvana.pipeline.router import Router
     from nirvana.service.jobs import JobStore, NewJob
     from nirvana.service.models import ServedModel
-    from nirvana.service.pipeline import Renderer, Router
     from tests.service.test_plan import RecordingSender
 
     n = scale.storage_faults - DOWN_FAULTS

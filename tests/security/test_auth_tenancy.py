@@ -198,7 +198,8 @@ def test_tenants_never_share_states_unless_both_opted_in(
 ) -> None:
     """Four tenants: gail and hank private, ivy and jack in the shared pool. The same prompt embedding (cosine
     1.0: the largest K) is looked up by each after one of them cached it."""
-    from nirvana.service.pipeline import Router, cache_request
+    from nirvana.pipeline.plan import cache_request
+    from nirvana.pipeline.router import Router
     from nirvana.service.tenants import SHARED_TENANT, set_shared_pool
     from tests.cache.helpers import states
 
@@ -248,7 +249,7 @@ def test_tenants_never_share_states_unless_both_opted_in(
 
 def test_storage_keys_never_contain_user_text(api: Any, make_key: Callable[..., str], db_pool: Any, cache: Any) -> None:
     from nirvana.cache.store import LatentStore
-    from nirvana.service.pipeline import cache_request
+    from nirvana.pipeline.plan import cache_request
     from nirvana.service.service import image_key
     from tests.cache.helpers import states
 

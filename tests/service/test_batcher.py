@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from nirvana.service.batcher import MicroBatcher
+from nirvana.pipeline.batcher import MicroBatcher
 
 
 def test_concurrent_submits_share_calls_and_keep_their_results() -> None:

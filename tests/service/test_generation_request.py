@@ -12,8 +12,8 @@ from pydantic import ValidationError
 
 from nirvana.cache.request import CacheRequest, Namespace
 from nirvana.generation import MAX_SEED, GenerationRequest
+from nirvana.pipeline.plan import cache_request
 from nirvana.service.jobs import _INSERT_COLS, NewJob
-from nirvana.service.plan import cache_request
 from nirvana.service.schemas import JobRequest, OpenAIImageRequest
 
 BASE: dict[str, Any] = dict(prompt="a cat", negative_prompt="", seed=1, steps=50, guidance=7.0, width=32, height=32)

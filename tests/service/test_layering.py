@@ -10,7 +10,8 @@ def test_library_imports_neither_celery_nor_fastapi() -> None:
     code = (
         "import sys, importlib\n"
         "for m in ('nirvana.cli', 'nirvana.cli.service', 'nirvana.cli.bench', 'nirvana.cli.cache',"
-        " 'nirvana.service.service', 'nirvana.service.pipeline', 'nirvana.embedded.stack', 'nirvana.cli.demo',"
+        " 'nirvana.service.service', 'nirvana.pipeline.router', 'nirvana.pipeline.renderer',"
+        " 'nirvana.pipeline.maintenance', 'nirvana.embedded.stack', 'nirvana.cli.demo',"
         " 'nirvana.service.metrics', 'nirvana.service.offline'):\n"
         "    importlib.import_module(m)\n"
         "bad = sorted(k for k in sys.modules if k.split('.')[0] in ('celery', 'fastapi', 'kombu', 'starlette'))\n"

@@ -16,9 +16,9 @@ import pytest
 from nirvana.cache.store import LatentStore
 from nirvana.config import Settings
 from nirvana.generation import GenerationRequest
+from nirvana.pipeline.maintenance import Maintenance
 from nirvana.service.errors import NotFound
 from nirvana.service.jobs import JobStore, NewJob
-from nirvana.service.pipeline import Maintenance
 from tests.cache.helpers import make_cache, request, states, unit
 from tests.service.test_plan import RecordingSender
 
@@ -120,7 +120,7 @@ def test_eviction_runs_in_paced_batches(env: dict[str, Any], monkeypatch: pytest
     batch for busy × (1 − duty) / duty (so a large eviction leaves the CPU to routing); all go in the end."""
     import numpy as np
 
-    import nirvana.service.pipeline as pipeline
+    import nirvana.pipeline.maintenance as pipeline
     from nirvana.cache.core import Namespace
 
     store, cache = env["store"], env["cache"]

@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 
 from nirvana.generation import GenerationRequest
+from nirvana.pipeline.plan import CachePlan, SourceState
 from nirvana.service.jobs import JobStore, NewJob
 from nirvana.service.metrics import JobsCollector
-from nirvana.service.plan import CachePlan, SourceState
 
 
 def _finished_job(store: JobStore, tier: str, k: int, gate_novel: bool | None, steps: int = 50) -> None:

@@ -19,10 +19,11 @@ from nirvana.engine.loader import ModelComponents, load_model
 from nirvana.engine.loop import EngineLoop
 from nirvana.engine.tiny import build_tiny_sd
 from nirvana.generation import GenerationRequest
+from nirvana.pipeline.plan import RenderPlan
+from nirvana.pipeline.renderer import Renderer
+from nirvana.pipeline.router import Router
 from nirvana.service.jobs import JobStore, NewJob
 from nirvana.service.models import ServedModel
-from nirvana.service.pipeline import Renderer, Router
-from nirvana.service.plan import RenderPlan
 from tests.cache.helpers import at_similarity, make_cache, unit
 
 

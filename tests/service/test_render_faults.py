@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from nirvana.engine.state import CapturedState
+from nirvana.pipeline.plan import cache_request
 from nirvana.service.metrics import JobsCollector
-from nirvana.service.plan import cache_request
 from tests.cache.helpers import at_similarity, unit
 from tests.service.test_plan import _job, comps, parts  # noqa: F401  (fixtures)
 

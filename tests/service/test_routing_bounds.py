@@ -16,9 +16,9 @@ import pytest
 from nirvana.cache.store import LatentStore
 from nirvana.config import Settings
 from nirvana.generation import GenerationRequest
+from nirvana.pipeline.router import Router
 from nirvana.service import models as served
 from nirvana.service.jobs import JobStore, NewJob
-from nirvana.service.pipeline import Router
 from tests.cache.helpers import make_cache
 from tests.service.test_plan import RecordingSender
 
