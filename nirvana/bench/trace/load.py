@@ -19,6 +19,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from nirvana.generation import MAX_GUIDANCE, MAX_SEED, MAX_SIDE, MAX_STEPS
+
 TRACE_COLUMNS = (
     "seq", "channel", "user_hash", "prompt", "seed", "cfg", "steps", "width", "height", "n_images", "sampler",
     "gen_seconds", "raw_flags",
@@ -126,14 +128,15 @@ def parse_row(row: dict[str, str]) -> tuple[TraceRequest | None, str]:
         return None, "unparsable"
     if not prompt:
         return None, "empty_prompt"
-    if not 1 <= steps <= 1000:
+    # The service's limits (nirvana.generation); sides under 8 px are trace junk the service would accept.
+    if not 1 <= steps <= MAX_STEPS:
         return None, "steps_out_of_range"
-    if not (8 <= width <= 16384 and 8 <= height <= 16384):
+    if not (8 <= width <= MAX_SIDE and 8 <= height <= MAX_SIDE):
         return None, "size_out_of_range"
-    if not (math.isfinite(cfg) and 0 <= cfg <= 100):
+    if not (math.isfinite(cfg) and 0 <= cfg <= MAX_GUIDANCE):
         return None, "cfg_out_of_range"
-    if seed is not None and not 0 <= seed < 2**63:
-        seed = seed % (2**63)
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        seed = seed % (MAX_SEED + 1)
     return (
         TraceRequest(
             seq=seq,
