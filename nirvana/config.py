@@ -98,8 +98,10 @@ class Settings(BaseSettings):
         5.0, ge=0, le=10_000, description="an idle render worker waits this long for company before its first step"
     )
     router_threads: int = Field(
-        1, ge=0, description="torch threads of a router (0: torch default; see docs/BENCHMARKS.md, bench router)"
-    )
+        0,
+        ge=0,
+        description="torch threads of a router (0: torch default, one per core; see docs/BENCHMARKS.md, bench router)",
+    )  # 0: 90 prompts/s at batch 32 on 2 cores against 64 with 1 thread (bench router, session 14)
     route_max_batch: int = Field(
         32, ge=1, le=1024, description="route tasks one router runs at once; their prompts are embedded together"
     )
