@@ -226,11 +226,22 @@ def _stderr_console() -> Any:
     return Console(stderr=True)
 
 
+# Options the demo and bench e2e share (the same workload and render settings).
+WorkloadSeed = Annotated[int, typer.Option(help="workload seed")]
+Steps = Annotated[int | None, typer.Option(help="denoising steps (default: the server's)")]
+RenderMaxBatch = Annotated[
+    int | None,
+    typer.Option(
+        min=1, max=256, help="requests each render worker denoises together (default NIRVANA_RENDER_MAX_BATCH)"
+    ),
+]
+
+
 def demo(
     requests: Annotated[int, typer.Option(help="requests in the workload")] = 200,
     concurrency: Annotated[int, typer.Option(help="users submitting at once (closed loop)")] = 4,
-    seed: Annotated[int, typer.Option(help="workload seed")] = 0,
-    steps: Annotated[int | None, typer.Option(help="denoising steps (default: the server's)")] = None,
+    seed: WorkloadSeed = 0,
+    steps: Steps = None,
     model: Annotated[str | None, typer.Option(help="model to serve (default NIRVANA_MODEL: bundled)")] = None,
     out: Annotated[Path, typer.Option(help="gallery and results directory")] = Path("out/demo"),
     gallery_items: Annotated[int, typer.Option("--gallery", help="approximate hits in the gallery")] = 12,
@@ -238,12 +249,7 @@ def demo(
     api_key: Annotated[str | None, typer.Option(help="key for --url (every tenant then shares it)")] = None,
     data_dir: Annotated[Path | None, typer.Option(help="embedded stack directory")] = None,
     render_workers: Annotated[int, typer.Option(help="render workers to start")] = 1,
-    render_max_batch: Annotated[
-        int | None,
-        typer.Option(
-            min=1, max=256, help="requests each render worker denoises together (default NIRVANA_RENDER_MAX_BATCH)"
-        ),
-    ] = None,
+    render_max_batch: RenderMaxBatch = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object last")] = False,
     direct_engine: Annotated[
         bool,
@@ -448,8 +454,8 @@ def render(
 def bench_e2e(
     requests: Annotated[int, typer.Option(help="requests")] = 100,
     concurrency: Annotated[int, typer.Option(help="closed-loop users at once (1: pure service overhead)")] = 1,
-    seed: Annotated[int, typer.Option(help="workload seed")] = 0,
-    steps: Annotated[int | None, typer.Option(help="denoising steps (default: the server's)")] = None,
+    seed: WorkloadSeed = 0,
+    steps: Steps = None,
     model: Annotated[str | None, typer.Option(help="model to serve")] = None,
     url: Annotated[str | None, typer.Option(help="use a running service")] = None,
     api_key: Annotated[str | None, typer.Option(help="key for --url")] = None,
@@ -457,12 +463,7 @@ def bench_e2e(
     render_workers: Annotated[
         str, typer.Option(help="render worker processes; a comma list (e.g. 1,2) runs each side by side")
     ] = "1",
-    render_max_batch: Annotated[
-        int | None,
-        typer.Option(
-            min=1, max=256, help="requests each render worker denoises together (default NIRVANA_RENDER_MAX_BATCH)"
-        ),
-    ] = None,
+    render_max_batch: RenderMaxBatch = None,
     render_threads: Annotated[
         int | None, typer.Option(min=0, help="torch threads per render worker (default NIRVANA_RENDER_THREADS)")
     ] = None,

@@ -93,13 +93,14 @@ class Job(BaseModel):
     object: Literal["job"] = "job"
     status: JobStatus
     batch_id: str | None = None
-    prompt: str
-    negative_prompt: str
-    seed: int
-    steps: int
-    guidance: float
-    width: int
-    height: int
+    # The request as it was resolved (defaults filled in), in the request bodies' types.
+    prompt: Prompt
+    negative_prompt: NegativePrompt
+    seed: Seed
+    steps: Steps
+    guidance: Guidance
+    width: Side
+    height: Side
     model: str
     progress: JobProgress
     timings: JobTimings
