@@ -4,7 +4,8 @@ Each request is a *row* with its own schedule (steps), step index, scheduler ins
 cancel flag and progress. One iteration of :meth:`EngineCore.step`:
 
 1. admits waiting requests while fewer than ``max_batch`` rows are active — a miss joins at step 0 from its
-   seeded noise, a cache hit at its own K from the stored latent;
+   seeded noise, a cache hit at its own K from the stored latent; a ``solo`` request only into an empty batch,
+   and nothing after it until it is done;
 2. picks one group of rows that share a latent shape (the group stepped least recently; a render process serves
    one model, so shape = size) and runs **one** batched denoiser forward over them, with an unconditional twin
    only for rows whose guidance asks for one;
@@ -87,6 +88,9 @@ class RenderRequest:
         capture: steps k whose latents to return; only k > K are produced when resuming at K.
         callback: ``callback(i, n)`` after each step (i = steps done); raise ``GenerationCancelled`` to stop.
         tag: caller's identifier (job id), carried to the result.
+        solo: run in a batch of its own — no other row is admitted while it runs, and it waits for the rows
+            before it to finish. The service renders a job alone after a worker died under it, so a request
+            that kills its process takes only itself down on the next attempt.
     """
 
     prompt: str
@@ -100,6 +104,7 @@ class RenderRequest:
     capture: Iterable[int] = ()
     callback: ProgressCallback | None = None
     tag: str = ""
+    solo: bool = False
 
 
 @dataclass
@@ -280,6 +285,9 @@ class EngineCore:
         new: list[_Row] = []
         failed: list[RowResult] = []
         while self.waiting and len(self.active) + len(new) < self.max_batch:
+            batch = [*self.active, *new]
+            if any(r.req.solo for r in batch) or (self.waiting[0].solo and batch):
+                break  # a solo request runs alone; first come first served, so the rest wait behind it
             req = self.waiting.popleft()
             try:
                 new.append(self._make_row(req))

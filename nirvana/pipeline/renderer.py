@@ -217,4 +217,7 @@ class Renderer:
             capture=caps,
             callback=callback,
             tag=plan.job_id,
+            # A rerun renders alone: if a job in its last batch killed the worker, it now takes only itself down
+            # (and a job that does so every time fails after max_attempts without failing its batch mates).
+            solo=plan.attempts > 1,
         )

@@ -106,6 +106,34 @@ def test_rows_beyond_max_batch_wait_and_join_later(tiny_sd: ModelComponents) -> 
         assert (img - solo.image).abs().max().item() <= BATCH_TOLERANCE
 
 
+def test_a_solo_request_runs_alone(tiny_sd: ModelComponents) -> None:
+    """A ``solo`` request (the service's rerun after a worker death) joins only an empty batch and nothing joins
+    while it runs; the requests behind it wait, and every image still equals its own render."""
+    from dataclasses import replace
+
+    reqs = _mixed_requests(tiny_sd, guidance_hi=3.0)[:4]
+    reqs[1] = replace(reqs[1], solo=True)
+    core = EngineCore(tiny_sd, max_batch=8)
+    for r in reqs:
+        core.submit(r)
+    batches: list[list[int]] = []  # which requests were active together, per iteration
+    done: list[RowResult] = []
+    while core.has_work:
+        done += core.step()
+        batches.append(sorted(reqs.index(r.req) for r in core.active))
+    admitted = [set(b) for b in batches if b]
+    assert {1} in admitted  # the solo row ran on its own ...
+    assert all(b == {1} or 1 not in b for b in admitted)  # ... and never with another row
+    order = [reqs.index(r.request) for r in done]
+    assert order.index(0) < order.index(1) < order.index(2)  # first come, first served around it
+    by_req = {id(r.request): r for r in done}
+    for req in reqs:
+        (alone,) = EngineCore(tiny_sd, max_batch=1).run([req])
+        img = by_req[id(req)].image
+        assert img is not None and alone.image is not None
+        assert (img - alone.image).abs().max().item() <= BATCH_TOLERANCE
+
+
 def test_cancelling_one_row_leaves_the_others(tiny_sd: ModelComponents) -> None:
     def cancel_at_3(i: int, n: int) -> None:
         if i == 3:

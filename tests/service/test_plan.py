@@ -98,3 +98,30 @@ def test_capture_steps_come_from_the_policy_and_a_070_request_hits(parts: dict[s
     done = parts["store"].get(hit)
     assert done["status"] == "done" and done["tier"] == "approximate"
     assert (done["start_step"], done["steps_run"]) == (want, steps - want)
+
+
+def test_a_rerun_after_a_worker_death_renders_alone(parts: dict[str, Any]) -> None:
+    """A job whose worker died under it (the reaper sends it again) is rendered as a ``solo`` request — if a job
+    in that batch killed the worker, the rerun cannot die with it again; a first attempt batches as usual."""
+    store, renderer = parts["store"], parts["renderer"]
+    seen: list[tuple[str, bool]] = []
+    engine = renderer.engine
+
+    class Spy:
+        def run(self, req: Any) -> Any:
+            seen.append((req.tag, req.solo))
+            return engine.run(req)
+
+    renderer.engine = Spy()
+    tenant = f"t-{uuid.uuid4().hex[:6]}"
+    first = _job(parts, "a red cat", 10, unit(np.random.default_rng(1)), tenant)
+    rerun = _job(parts, "a blue boat", 10, unit(np.random.default_rng(2)), tenant)
+    for jid in (first, rerun):
+        assert parts["router"].route(jid) == "miss"
+    assert store.claim_render(rerun, 0, "render@died") is not None  # attempt 1 on a worker that then died
+    with store.conn() as c:
+        c.execute("UPDATE jobs SET heartbeat_at = now() - interval '1 hour' WHERE id = %s", (rerun,))
+    assert rerun in [r["id"] for r in store.reap(stale_s=5, requeue_s=600, max_attempts=3)["render"]]
+    assert renderer.render(first, 0) == "done" and renderer.render(rerun, 1) == "done"
+    assert seen == [(first, False), (rerun, True)]
+    assert store.get(rerun)["attempts"] == 2
