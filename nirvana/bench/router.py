@@ -90,7 +90,7 @@ def run_router_bench(
     say = progress or (lambda _m: None)
     prompts, source = bench_prompts(2 * jobs * len(batch_sizes) + (400 if evict_states else 0))
     say("embedding alone (the ceiling of a router that did nothing else)")
-    ceilings = {b: embedding_ceiling(prompts[:jobs], b, router_threads) for b in batch_sizes}
+    ceilings = embedding_ceilings(prompts[:jobs], batch_sizes, router_threads)
     evict: dict[str, Any] | None = None
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="nirvana-bench-router-") as tmp:
@@ -162,10 +162,10 @@ def run_router_bench(
     return {"bench": "router", "prompts": source, "jobs_per_run": jobs, "rate": rate, "rows": rows, "eviction": evict}
 
 
-def embedding_ceiling(prompts: list[str], batch: int, threads: int) -> float:
+def embedding_ceilings(prompts: list[str], batch_sizes: Sequence[int], threads: int) -> dict[int, float]:
     """Prompts/s of the router's embedder alone (``MiniLMEmbedder``, ``threads`` torch threads as the router
-    sets them, 0: torch's default) on ``prompts`` in calls of ``batch``, in this process before any service
-    runs: what a router could reach if claiming, lookup, plan and messages cost nothing."""
+    sets them, 0: torch's default) on ``prompts`` in calls of each batch size, in this process before any
+    service runs: what a router could reach if claiming, lookup, plan and messages cost nothing."""
     import torch
 
     from nirvana.cache.embedder import MiniLMEmbedder
@@ -174,12 +174,15 @@ def embedding_ceiling(prompts: list[str], batch: int, threads: int) -> float:
     if threads:
         torch.set_num_threads(threads)
     try:
-        emb = MiniLMEmbedder()
-        emb.embed(prompts[:batch])  # load and warm up
-        t0 = time.perf_counter()
-        for i in range(0, len(prompts), batch):
-            emb.embed(prompts[i : i + batch])
-        return round(len(prompts) / (time.perf_counter() - t0), 1)
+        emb = MiniLMEmbedder()  # loaded once, for every batch size
+        out: dict[int, float] = {}
+        for batch in batch_sizes:
+            emb.embed(prompts[:batch])  # warm up at this size
+            t0 = time.perf_counter()
+            for i in range(0, len(prompts), batch):
+                emb.embed(prompts[i : i + batch])
+            out[batch] = round(len(prompts) / (time.perf_counter() - t0), 1)
+        return out
     finally:
         torch.set_num_threads(before)
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from nirvana.cache.core import ApproximateCache, CacheRequest, LookupResult
 from nirvana.config import Settings
@@ -17,6 +18,8 @@ from nirvana.service.jobs import JobStore
 from nirvana.service.service import TaskSender, image_key
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 @dataclass
@@ -81,7 +84,7 @@ class Router:
         Each call is one route attempt; an error after the claim is noted on the job and re-raised (Celery
         retries transient ones, the reaper re-sends the rest) until ``max_route_attempts`` ends the job
         ``failed`` with it."""
-        claimed = self.claims.submit(job_id) if self.claims is not None else self.claim_and_embed([job_id])[0]
+        claimed = _stage(self.claims, self.claim_and_embed, job_id)
         if claimed is None:
             return "skipped"
         try:
@@ -90,12 +93,7 @@ class Router:
             plan = self._plan(claimed.job, claimed.req)
             if isinstance(plan, str):  # served by the exact tier
                 return plan
-            if self.commits is not None:
-                return self.commits.submit((job_id, plan))
-            outcome = self.commit_plans([(job_id, plan)])[0]
-            if isinstance(outcome, Exception):
-                raise outcome
-            return outcome
+            return _stage(self.commits, self.commit_plans, (job_id, plan))
         except Exception as e:
             try:
                 self.store.note_route_error(job_id, f"{type(e).__name__}: {e}")
@@ -211,3 +209,14 @@ class Router:
             "lookup_ms": res.lookup_ms,
         }
         return "exact" if self.store.finish_exact(job["id"], plan, ref.uri, len(png)) else "skipped"
+
+
+def _stage(batcher: MicroBatcher[T, R] | None, fn: Callable[[list[T]], Sequence[R | BaseException]], item: T) -> R:
+    """``item``'s answer from a stage: through its batcher when the router is batched, else ``fn([item])``
+    (an exception answered for the item is raised, as the batcher does)."""
+    if batcher is not None:
+        return batcher.submit(item)
+    out = fn([item])[0]
+    if isinstance(out, BaseException):
+        raise out
+    return out
